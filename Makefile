@@ -1,0 +1,36 @@
+# The two commands of the README: `make demo` (train + score + figures on the synthetic phantom)
+# and `make test`. Both create .venv and install requirements.txt on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TF ?=
+RUN ?= runs/demo
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: demo train predict test bench venv clean
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt $(TF)
+	touch $@
+
+demo: venv  ## train on the demo phantom (resuming if interrupted), then score the test split
+	$(PY) train.py --out $(RUN) --resume
+	$(PY) predict.py --run $(RUN)
+
+train: venv
+	$(PY) train.py --out $(RUN) --resume
+
+predict: venv
+	$(PY) predict.py --run $(RUN)
+
+test: venv
+	$(PY) -m pytest -q --timeout 600 tests
+
+bench: venv
+	$(PY) benchmarks/bench.py
+
+clean:
+	rm -rf $(VENV) runs data/phantom-demo

@@ -1,0 +1,322 @@
+"""Speed of this project on this machine: loading, training, prediction and scoring, in one run.
+
+    python benchmarks/bench.py            # full phantom (12,660 pairs), base 16 and 64 (~15 min on 2 cores)
+    python benchmarks/bench.py --quick    # demo phantom, base 16 only, fewer steps (~3 min)
+    python benchmarks/bench.py --peers    # also the reference Keras script (/work/shared/reference)
+
+Prints a markdown table and writes every number, with the machine it ran on, to --out. Timings on a
+shared machine drift: compare the ratios inside one run, and read the load average it reports.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import dataset  # noqa: E402
+import modules  # noqa: E402
+import synthetic  # noqa: E402
+import train  # noqa: E402
+from atomic_io import atomic_write_json  # noqa: E402
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+PEERS = Path(os.environ.get("BENCH_PEERS", "/work/shared/reference"))
+BATCH = 8  # train.py's default
+
+
+# ----------------------------------------------------------------------------- machine
+
+def machine_info() -> dict:
+    """CPU model and the flags that decide the precision, cores, memory, library versions, load, date."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = set(re.search(r"^flags\s*:(.*)$", cpuinfo, re.M).group(1).split()) if "flags" in cpuinfo else set()
+    model = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M)
+    mem = re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()) if Path("/proc/meminfo").exists() else None
+    return {"cpu": model.group(1) if model else platform.processor(), "cpu_flags": [f for f in CPU_FLAGS if f in flags],
+            "cores": len(os.sched_getaffinity(0)), "memory_gib": round(int(mem.group(1)) / 2**20, 1) if mem else None,
+            "gpus": [d.name for d in tf.config.list_physical_devices("GPU")], "python": platform.python_version(),
+            "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
+            "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),
+            "load_average_start": os.getloadavg(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+# ----------------------------------------------------------------------------- loading
+
+def all_refs(data_dir) -> list:
+    """Every image/mask pair of the three splits."""
+    return [r for split in dataset.SPLITS for r in dataset.list_split(data_dir, split)]
+
+
+def read_into_page_cache(refs) -> None:
+    """Read every file once, so the naive loop and the loader both read from the OS page cache."""
+    for r in refs:
+        for p in (r.image, r.mask):
+            with open(p, "rb") as f:
+                while f.read(1 << 20):
+                    pass
+
+
+def naive_load(refs) -> float:
+    """Seconds for the loop a user would write first: nibabel, one file at a time, float64."""
+    start = time.perf_counter()
+    for r in refs:
+        nib.load(r.image).get_fdata(), nib.load(r.mask).get_fdata()
+    return time.perf_counter() - start
+
+
+COLD_CHILD = """
+import json, resource, sys, time
+sys.path.insert(0, {root!r})
+import dataset
+start = time.perf_counter()
+splits = [dataset.load_split({data!r}, s, use_cache=False, progress=False) for s in dataset.SPLITS]
+seconds = time.perf_counter() - start
+print(json.dumps({{"pairs": sum(map(len, splits)), "seconds": seconds,
+                  "array_mb": sum(d.images.nbytes + d.masks.nbytes for d in splits) / 2**20,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+
+def cold_load_in_child(data_dir) -> dict:
+    """Load every split without the cache in a fresh process: its time, and its peak resident memory."""
+    code = COLD_CHILD.format(root=str(ROOT), data=str(data_dir))
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def warm_load(data_dir, cache_dir) -> tuple[float, dict]:
+    """Fill the cache, then time a second load that is served from it (touching every page of the arrays)."""
+    for split in dataset.SPLITS:
+        dataset.load_split(data_dir, split, cache_dir=cache_dir, progress=False)
+    start = time.perf_counter()
+    splits = {s: dataset.load_split(data_dir, s, cache_dir=cache_dir, progress=False) for s in dataset.SPLITS}
+    for d in splits.values():  # the cache maps the files: count the first touch of every 4 KiB page too
+        float(d.images.reshape(-1)[::1024].sum()) + float(d.masks.reshape(-1)[::4096].sum())
+    return time.perf_counter() - start, splits
+
+
+def bench_loading(data_dir, cache_dir) -> tuple[dict, dict]:
+    """Naive loop vs the project's loader, cold and warm, in pairs/s; peak memory of the cold load."""
+    refs = all_refs(data_dir)
+    read_into_page_cache(refs)
+    naive = naive_load(refs)
+    cold = cold_load_in_child(data_dir)
+    warm, splits = warm_load(data_dir, cache_dir)
+    n = len(refs)
+    res = {"pairs": n, "naive_pairs_per_s": n / naive, "cold_pairs_per_s": n / cold["seconds"],
+           "warm_pairs_per_s": n / warm, "cold_peak_rss_mb": cold["peak_rss_mb"], "cold_array_mb": cold["array_mb"],
+           "page_cache": "warm for both (every file read once before timing)"}
+    res["cold_vs_naive"] = res["cold_pairs_per_s"] / res["naive_pairs_per_s"]
+    res["warm_vs_naive"] = res["warm_pairs_per_s"] / res["naive_pairs_per_s"]
+    return res, splits
+
+
+# ----------------------------------------------------------------------------- training and prediction
+
+def build_model(base: int, precision: str):
+    """The U-Net built and compiled exactly as train.py does it (default flags) under `precision`."""
+    keras.mixed_precision.set_global_policy(precision)
+    names = list(dataset.CLASS_NAMES)
+    model = modules.build_unet((256, 128, 1), len(names), base)
+    jit = bool(tf.config.list_physical_devices("GPU"))  # train.py's --jit auto
+    model.compile(keras.optimizers.Adam(2e-3), modules.dice_ce_loss,
+                  metrics=modules.segmentation_metrics(len(names), names), jit_compile=jit)
+    return model
+
+
+class StepClock(keras.callbacks.Callback):
+    """The wall time at the end of every training step."""
+
+    def __init__(self):
+        super().__init__()
+        self.times = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter())
+
+
+def images_per_s(clock: StepClock, warmup: int) -> float:
+    """Steady-state images/s: the steps after the warm-up ones."""
+    t = clock.times[warmup - 1:]
+    return BATCH * (len(t) - 1) / (t[-1] - t[0])
+
+
+def train_rate(model, feed, warmup: int, steps: int, arrays=None) -> float:
+    """Images/s of model.fit on the tf.data pipeline (feed='pipeline') or on in-memory arrays (feed='memory')."""
+    clock = StepClock()
+    if feed == "pipeline":
+        model.fit(arrays, epochs=1, steps_per_epoch=warmup + steps, callbacks=[clock], verbose=0)
+    else:
+        x, y = arrays
+        n = (warmup + steps) * BATCH
+        model.fit(x[:n], y[:n], batch_size=BATCH, epochs=1, shuffle=True, callbacks=[clock], verbose=0)
+    return images_per_s(clock, warmup)
+
+
+def predict_rate(model, images) -> float:
+    """Images/s of model.predict at batch 32 (after one warm-up call)."""
+    model.predict(images[:32], batch_size=32, verbose=0)
+    start = time.perf_counter()
+    model.predict(images, batch_size=32, verbose=0)
+    return len(images) / (time.perf_counter() - start)
+
+
+def bench_training(train_data, test_data, bases, precisions, warmup, steps) -> tuple[list, dict]:
+    """Per base and precision: training images/s (pipeline with augmentation vs arrays) and prediction images/s."""
+    pipeline = dataset.make_dataset(train_data, BATCH, shuffle=True, augment=dataset.Augment(), epochs=None)
+    n = (warmup + steps) * BATCH
+    memory = (np.ascontiguousarray(train_data.images[:n]), dataset.make_target(train_data.masks[:n], None)[..., None])
+    test_images = np.ascontiguousarray(test_data.images)
+    rows, models = [], {}
+    for base in bases:
+        for precision in precisions:
+            model = build_model(base, precision)
+            w, s = (warmup, steps) if base <= 16 else (max(2, warmup // 4), max(4, steps // 8))
+            row = {"base": base, "precision": precision, "batch": BATCH, "steps": s,
+                   "pipeline_img_s": train_rate(model, "pipeline", w, s, pipeline),
+                   "memory_img_s": train_rate(model, "memory", w, s, memory),
+                   "predict_img_s": predict_rate(model, test_images)}
+            row["pipeline_overhead"] = 1 - row["pipeline_img_s"] / row["memory_img_s"]
+            rows.append(row)
+            models[(base, precision)] = model
+            print(f"  base {base} {precision}: {row['pipeline_img_s']:.1f} img/s pipeline, "
+                  f"{row['memory_img_s']:.1f} in memory, predict {row['predict_img_s']:.1f}", flush=True)
+    keras.mixed_precision.set_global_policy("float32")
+    return rows, models
+
+
+# ----------------------------------------------------------------------------- scoring end to end
+
+def write_run_folder(run: Path, model, base, data_dir, precision, train_data, val_data) -> None:
+    """A run folder as train.py writes it (model.keras + config.json), from a model trained here."""
+    args = train.parse_args(["-d", str(data_dir), "-o", str(run), "-f", str(base)])
+    args.data_dir = str(data_dir)
+    cfg = train.run_config(args, precision, tf.distribute.get_strategy(), train_data, val_data)
+    modules.save_model(model, run / "model.keras")
+    atomic_write_json(run / "config.json", cfg)
+
+
+def score_end_to_end(run: Path, data_dir, cache_dir) -> dict:
+    """Wall time of `python predict.py --run R --split test` as a user runs it: cold (no cache), then warm."""
+    out = {}
+    for label in ("cold", "warm"):
+        cmd = [sys.executable, "predict.py", "--run", str(run), "--data-dir", str(data_dir), "--split", "test",
+               "--out", str(run / "eval-test"), "--cache-dir", str(cache_dir), "--quiet"]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if proc.returncode:
+            raise RuntimeError(f"predict.py failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+        metrics = json.loads((run / "eval-test" / "metrics.json").read_text())
+        out[f"{label}_seconds"] = seconds
+        out[f"{label}_inside_seconds"] = metrics.get("seconds")
+        out["slices"] = metrics["n_slices"]
+    return out
+
+
+# ----------------------------------------------------------------------------- peers
+
+def run_peer(base: int, precision: str) -> dict:
+    """The reference Keras script (random data, plain U-Net) under a precision policy: train and predict img/s."""
+    code = (f"import sys, keras; keras.mixed_precision.set_global_policy({precision!r}); "
+            f"sys.argv = ['keras_unet_speed.py', '{base}']; import runpy; "
+            f"runpy.run_path({str(PEERS / 'keras_unet_speed.py')!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    train_s, pred_s = (float(m) for m in re.findall(r"([\d.]+) img/s", proc.stdout))
+    return {"base": base, "precision": precision, "train_img_s": train_s, "predict_img_s": pred_s}
+
+
+# ----------------------------------------------------------------------------- report
+
+def table(res: dict) -> str:
+    """The markdown table printed at the end (and pasted in the README)."""
+    ld, m = res["loading"], res["machine"]
+    rows = [("machine", f"{m['cpu']}, {m['cores']} cores, {', '.join(m['cpu_flags'])}; TF {m['tensorflow']}", ""),
+            (f"load {ld['pairs']} pairs: naive nibabel loop", f"{ld['naive_pairs_per_s']:.0f} pairs/s", "1.0x"),
+            ("load: project loader, cold (no cache)", f"{ld['cold_pairs_per_s']:.0f} pairs/s", f"{ld['cold_vs_naive']:.1f}x"),
+            ("load: project loader, warm (cache)", f"{ld['warm_pairs_per_s']:.0f} pairs/s", f"{ld['warm_vs_naive']:.0f}x"),
+            ("load: peak memory, cold", f"{ld['cold_peak_rss_mb']:.0f} MiB", f"arrays {ld['cold_array_mb']:.0f} MiB")]
+    f32 = {r["base"]: r for r in res["training"] if r["precision"] == "float32"}
+    for r in res["training"]:
+        ratio = f"{r['pipeline_img_s'] / f32[r['base']]['pipeline_img_s']:.2f}x float32" if r["base"] in f32 else ""
+        rows += [(f"train base {r['base']} {r['precision']}: tf.data + augmentation", f"{r['pipeline_img_s']:.1f} img/s", ratio),
+                 (f"train base {r['base']} {r['precision']}: in-memory arrays", f"{r['memory_img_s']:.1f} img/s",
+                  f"pipeline overhead {r['pipeline_overhead']:+.1%}"),
+                 (f"predict base {r['base']} {r['precision']} (batch 32)", f"{r['predict_img_s']:.1f} img/s", "")]
+    if "scoring" in res:
+        s = res["scoring"]
+        rows += [(f"score test split ({s['slices']} slices), predict.py, cold cache", f"{s['cold_seconds']:.1f} s", "whole command"),
+                 (f"score test split ({s['slices']} slices), predict.py, warm cache", f"{s['warm_seconds']:.1f} s", "whole command")]
+    for p in res.get("peers", []):
+        rows.append((f"peer keras_unet_speed.py {p['base']} {p['precision']}", f"{p['train_img_s']:.1f} img/s",
+                     f"predict {p['predict_img_s']:.1f} img/s"))
+    rows.append(("load average (1 min) at start / end", f"{m['load_average_start'][0]:.2f} / {m['load_average_end'][0]:.2f}", ""))
+    lines = ["| measure | value | ratio / note |", "|---|---|---|"]
+    return "\n".join(lines + [f"| {a} | {b} | {c} |" for a, b, c in rows])
+
+
+def parse_args(argv=None):
+    """Command-line flags."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("-q", "--quick", action="store_true", help="demo phantom, base 16 only, fewer steps (~3 min)")
+    p.add_argument("-o", "--out", default=str(ROOT / "benchmarks" / "results.json"), help="where the numbers go")
+    p.add_argument("-w", "--work", default=str(ROOT / "benchmarks" / "work"), help="folder for the phantom, caches and runs")
+    p.add_argument("--peers", action="store_true", help="also run the reference Keras script, float32 and bfloat16")
+    p.add_argument("--no-score", action="store_true", help="skip the predict.py end-to-end timing")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    work = Path(args.work)
+    preset = "demo" if args.quick else "full"
+    res = {"preset": preset, "quick": args.quick, "machine": machine_info()}
+    data_dir = work / f"phantom-{preset}"
+    synthetic.generate(data_dir, preset, seed=42)
+    work.mkdir(parents=True, exist_ok=True)
+    cache = Path(tempfile.mkdtemp(prefix="cache-", dir=work))  # a fresh cache every run: the first load is cold
+    print(f"loading the {preset} phantom ({data_dir})", flush=True)
+    res["loading"], splits = bench_loading(data_dir, cache)
+    precisions = list(dict.fromkeys(["float32", train.choose_precision("auto")]))
+    bases = [16] if args.quick else [16, 64]
+    warmup, steps = (5, 20) if args.quick else (10, 60)
+    print(f"training throughput, batch {BATCH}: bases {bases}, {precisions}", flush=True)
+    res["training"], models = bench_training(splits["train"], splits["test"], bases, precisions, warmup, steps)
+    if not args.no_score:
+        print("scoring the test split with predict.py", flush=True)
+        run = work / "run-b16"
+        write_run_folder(run, models[(16, precisions[-1])], 16, data_dir, precisions[-1], splits["train"], splits["validate"])
+        res["scoring"] = score_end_to_end(run, data_dir, cache / "score")
+    del splits, models
+    shutil.rmtree(cache, ignore_errors=True)  # gigabytes on the full preset
+    if args.peers:
+        print("reference peers", flush=True)
+        res["peers"] = [run_peer(16, p) for p in precisions]
+    res["machine"]["load_average_end"] = os.getloadavg()
+    res["table"] = table(res)
+    atomic_write_json(args.out, res)
+    print(res["table"])
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

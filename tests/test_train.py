@@ -1,0 +1,118 @@
+"""train.py: the run folder, learning on the tiny phantom, resume (also after SIGKILL), reproducibility."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+from conftest import ROOT
+
+import modules  # noqa: F401  (registers the custom objects for load_model)
+import train
+
+RUN_FILES = ["model.keras", "state.json", "history.csv", "config.json", "training_validation_loss.png",
+             "training_validation_accuracy.png", "training_validation_dice.png"]
+
+
+def _history(run):
+    with open(run / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_folder_has_every_file(tiny_run):
+    for name in RUN_FILES:
+        assert (tiny_run / name).stat().st_size > 0, name
+    assert [p.name for p in (tiny_run / "checkpoint").iterdir()] == ["epoch-0002.keras"]
+    model = keras.models.load_model(tiny_run / "model.keras")
+    assert model.output_shape == (None, 256, 128, 6)
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    assert cfg["class_names"] == ["background", "body", "bone", "bladder", "rectum", "prostate"]
+    assert cfg["input_size"] == [256, 128] and cfg["target_ids"] is None and cfg["seed"] == 42
+    assert cfg["data"]["train"]["fingerprint"] and cfg["versions"]["tensorflow"]
+    rows = _history(tiny_run)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"loss", "val_loss", "val_dice", "val_dice_prostate", "accuracy", "val_accuracy"} <= set(rows[0])
+
+
+def test_loss_decreases_and_binary_target(tiny_data, tmp_path):
+    out = tmp_path / "bin"
+    assert train.main(["-d", str(tiny_data), "-o", str(out), "-e", "3", "-f", "4", "--target", "bladder",
+                       "--no-augment", "--lr", "3e-3", "-q"]) == 0
+    rows = _history(out)
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    model = keras.models.load_model(out / "model.keras")
+    assert model.output_shape == (None, 256, 128, 1)
+    assert model.get_layer("mask").activation.__name__ == "sigmoid"
+    assert "val_dice_bladder" in rows[0]
+
+
+def test_resume_continues_at_the_next_epoch(tiny_data, tmp_path, capsys):
+    out = tmp_path / "r"
+    args = ["-d", str(tiny_data), "-o", str(out), "-f", "4", "-q"]
+    assert train.main(args + ["-e", "1"]) == 0
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train.main(args + ["-e", "2"])
+    assert train.main(args + ["-e", "2", "--resume"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert [r["epoch"] for r in _history(out)] == ["1", "2"]
+    assert [p.name for p in (out / "checkpoint").iterdir()] == ["epoch-0002.keras"]
+    with pytest.raises(SystemExit, match="base_filters"):
+        train.main(args + ["-e", "3", "--resume", "-f", "8"])
+
+
+def _train_cmd(data, out, epochs):
+    return [sys.executable, str(ROOT / "train.py"), "-d", str(data), "-o", str(out), "-e", str(epochs), "-f", "4",
+            "--deterministic", "-q"]
+
+
+def _final_weights(run):
+    state = json.loads((run / "state.json").read_text())
+    return keras.models.load_model(run / state["checkpoint"]).get_weights()
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny_data, tmp_path):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_train_cmd(tiny_data, full, 3), check=True, env=env, timeout=300, capture_output=True)
+
+    proc = subprocess.Popen(_train_cmd(tiny_data, killed, 3), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (killed / "state.json").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, "training ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)  # during epoch 2
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    state = json.loads((killed / "state.json").read_text())
+    assert state["epoch"] == 0, "the kill was meant to land in epoch 2"
+
+    subprocess.run(_train_cmd(tiny_data, killed, 3) + ["--resume"], check=True, env=env, timeout=300,
+                   capture_output=True)
+    drop = ("seconds",)
+    strip = [{k: v for k, v in r.items() if k not in drop} for r in _history(killed)]
+    assert strip == [{k: v for k, v in r.items() if k not in drop} for r in _history(full)]
+    for a, b in zip(_final_weights(killed), _final_weights(full)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_deterministic_runs_are_identical(tiny_data, tmp_path):
+    for name in ("a", "b"):
+        assert train.main(["-d", str(tiny_data), "-o", str(tmp_path / name), "-e", "1", "-f", "4",
+                           "--deterministic", "-q"]) == 0
+    a, b = _history(tmp_path / "a"), _history(tmp_path / "b")
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in a] == \
+           [{k: v for k, v in r.items() if k != "seconds"} for r in b]
+
+
+def test_bad_data_gives_a_message_not_a_traceback(tmp_path, capsys):
+    assert train.main(["-d", str(tmp_path / "nowhere"), "-o", str(tmp_path / "r"), "-q"]) == 2
+    assert "nowhere does not exist" in capsys.readouterr().err
