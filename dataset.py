@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -145,7 +146,7 @@ DEFAULT_DATA = Path("data")
 DEMO_PHANTOM = DEFAULT_DATA / "phantom-demo"
 
 
-def resolve_data_dir(data_dir=None) -> Path:
+def resolve_data_dir(data_dir=None, progress=True) -> Path:
     """The data to use: the given folder, else data/ if it holds the HipMRI layout, else the demo phantom."""
     if data_dir:
         return find_data_root(data_dir)
@@ -158,7 +159,7 @@ def resolve_data_dir(data_dir=None) -> Path:
     if not (DEMO_PHANTOM / "phantom.json").exists():
         print(f"no --data-dir and no HipMRI data in {DEFAULT_DATA}/: writing the synthetic demo phantom to "
               f"{DEMO_PHANTOM}/ (once; about a minute)", flush=True)
-    synthetic.generate(DEMO_PHANTOM, "demo", seed=42)
+    synthetic.generate(DEMO_PHANTOM, "demo", seed=42, progress=progress)
     return DEMO_PHANTOM
 
 
@@ -189,7 +190,7 @@ def _plain_nifti1_array(raw: bytes):
     if slope != 0 and np.isfinite(slope) and (slope, inter) != (1, 0):  # scaled: nibabel applies it
         return None
     dtype = np.dtype(endian + _NIFTI1_DTYPES[code])
-    count = int(np.prod(shape))
+    count = math.prod(shape)
     if int(offset) + count * dtype.itemsize > len(raw):
         return None  # truncated: nibabel names the problem
     return np.frombuffer(raw, dtype, count, int(offset)).reshape(shape, order="F")
@@ -234,6 +235,10 @@ def check_image(image: np.ndarray, path: str) -> np.ndarray:
 
 def check_mask(mask: np.ndarray, path: str, num_classes: int) -> np.ndarray:
     """Turn a float mask into integer labels, refusing fractional, negative or unknown labels."""
+    with np.errstate(invalid="ignore"):  # NaN or negative values fail the comparison below
+        exact = mask.astype(np.uint8)
+    if exact.max(initial=0) < num_classes and np.array_equal(exact, mask):  # the usual case, in one pass
+        return exact
     labels = np.rint(mask)
     if not np.all(np.isfinite(mask)) or np.abs(mask - labels).max(initial=0) > 1e-3:
         odd = np.unique(mask[~np.isclose(mask, labels, atol=1e-3)])[:5]
@@ -286,7 +291,10 @@ def load_pair(ref: SliceRef, prep: Preprocessing):
         raise DataError(f"{ref.image}: image shape {image.shape} but its mask {ref.mask} has shape "
                         f"{mask.shape}; expected the same shape")
     labels = check_mask(mask, ref.mask, prep.num_classes)
-    counts = np.bincount(labels.ravel(), minlength=prep.num_classes)
+    if prep.num_classes <= 16:  # a comparison per label beats bincount's cast to int64 for a few labels
+        counts = np.array([np.count_nonzero(labels == c) for c in range(prep.num_classes)], np.int64)
+    else:
+        counts = np.bincount(labels.ravel(order="K"), minlength=prep.num_classes)
     return preprocess_image(image, prep), resize_labels(labels, prep.size), image.shape, counts
 
 
@@ -502,10 +510,11 @@ def _augment_batch(images, targets, seed, aug: Augment):
 
 
 def make_dataset(data: SplitData, batch_size: int, target_ids=None, shuffle=False, augment: Augment | None = None,
-                 seed=42, epochs=1, initial_epoch=0):
+                 seed=42, epochs=1, initial_epoch=0, device=None):
     """Batches of (image (b, rows, cols, 1), target (b, rows, cols, 1)) for epochs initial_epoch..epochs-1.
 
     epochs=None never ends (for Keras fit with steps_per_epoch, which reads one iterator across epochs).
+    device (e.g. "/gpu:0") prefetches batches into that device's memory while the previous step runs.
     The order and augmentation of epoch e depend only on (seed, e), so a resumed run sees exactly
     the batches an uninterrupted run would have seen.
     """
@@ -539,6 +548,8 @@ def make_dataset(data: SplitData, batch_size: int, target_ids=None, shuffle=Fals
     ds = ds.with_options(options)
     if epochs is not None:  # a known length lets Keras evaluate without an "ran out of data" warning
         ds = ds.apply(tf.data.experimental.assert_cardinality((epochs - initial_epoch) * -(-n // batch_size)))
+    if device:
+        ds = ds.apply(tf.data.experimental.prefetch_to_device(device))
     ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 

@@ -24,7 +24,9 @@ def conv_block(x, filters: int, name: str, sync_bn: bool = False):
     """Two 3x3 convolutions with ReLU, batch normalisation after the second (as the original design)."""
     x = layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"{name}_conv1")(x)
     x = layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"{name}_conv2")(x)
-    return layers.BatchNormalization(synchronized=sync_bn, name=f"{name}_bn")(x)
+    # momentum 0.9 (PyTorch's default) rather than Keras' 0.99: with a few hundred steps per run the
+    # moving statistics must catch up with the training ones, or inference-mode output is garbage.
+    return layers.BatchNormalization(momentum=0.9, synchronized=sync_bn, name=f"{name}_bn")(x)
 
 
 def encoder_block(x, filters: int, name: str, sync_bn: bool = False):

@@ -1,4 +1,4 @@
-"""Score a trained U-Net on a split, or segment new NIfTI files, always at each slice's original size.
+"""Score a trained U-Net on a split, or segment new NIfTI files, at each slice's original size.
 
     python predict.py --run runs/demo                              # test split: numbers, CSV, figures
     python predict.py --run runs/demo --split validate --tta --save-masks
@@ -261,21 +261,23 @@ def save_comparison_figure(path, image, pred, colours, names, title, truth=None)
     opaque = colours.copy()
     opaque[:, 3], opaque[0] = 1, (0, 0, 0, 1)
     lo, hi = np.percentile(image, [0.5, 99.5])
-    panels = [("input", None), *([("ground truth", truth)] if truth is not None else []),
-              ("prediction", pred), ("prediction over input", pred)]
-    fig, axes = plt.subplots(-(-len(panels) // 2), 2, figsize=(9, 2.6 * -(-len(panels) // 2) + 0.9), squeeze=False)
-    for ax, (name, labels) in zip(axes.flat, panels):
-        if labels is None or name.endswith("input"):
+    # (title, label map or None, drawn over the image?)
+    panels = [("input", None, True), *([("ground truth", truth, False)] if truth is not None else []),
+              ("prediction", pred, False), ("prediction over input", pred, True)]
+    rows, cols = (2, 2) if len(panels) == 4 else (1, len(panels))
+    height = 4.3 * image.shape[1] / image.shape[0] + 0.4  # of one panel: the slice is shown transposed
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, height * rows + 0.9), squeeze=False,
+                             layout="constrained")
+    for ax, (name, labels, over_image) in zip(axes.flat, panels):
+        if over_image:
             ax.imshow(_view(image), cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
         if labels is not None:
-            ax.imshow(_view((colours if name.endswith("input") else opaque)[labels]), interpolation="nearest")
+            ax.imshow(_view((colours if over_image else opaque)[labels]), interpolation="nearest")
         ax.set_title(name, fontsize=9)
-    for ax in axes.flat:
         ax.axis("off")
     handles = [Patch(color=colours[i][:3], label=f"{i} {n}") for i, n in enumerate(names, start=1)]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
@@ -312,7 +314,8 @@ def save_figures(out: Path, split: str, data, truths, preds, arrays: dict, picks
     figures += [(f"{split}_worst_{rank}_{i}.png", i) for rank, i in enumerate(ranked[:n_worst], start=1)]
     for name, i in figures:
         ref = data.refs[i]
-        scores = " ".join(f"{n} {d:.2f}" if np.isfinite(d) else f"{n} -" for n, d in zip(run.names, arrays["dice"][i]))
+        scores = " ".join(f"{n} {d:.2f}" if np.isfinite(d) else f"{n} -"  # '-': label in neither
+                          for n, d in zip(run.names, arrays["dice"][i]))
         save_comparison_figure(out / name, dataset.read_slice(ref.image), preds[i], run.colours, run.names,
                                f"{split} slice {i}: {Path(ref.image).name}{tag}\nDice {scores}", truth=truths[i])
     save_dice_boxplot(out / "dice_boxplot.png", arrays, run.names, run.colours, f"{split}: Dice per label{tag}")
@@ -350,7 +353,7 @@ def evaluate(args) -> dict:
                **results["plain"][0], "convention": CONVENTION, "tta": results["tta"][0] if args.tta else None,
                "run": str(run.model_path.parent), "model": str(run.model_path), "data_dir": str(data_dir),
                "data_fingerprint": data.fingerprint, "skipped": data.skipped,
-               "masks": str(out / "masks") if args.save_masks else None,
+               "masks": str(out / "masks") if args.save_masks else None, "figures_and_masks_from": shown,
                "seconds": round(time.perf_counter() - start, 2)}
     atomic_write_json(out / "metrics.json", metrics)
     print_table(metrics)
@@ -379,7 +382,7 @@ def print_table(metrics: dict) -> None:
 
 
 def split_slices(data: np.ndarray, axis, path) -> tuple[np.ndarray, int | None]:
-    """(n, rows, cols) slices of a 2D slice or 3D volume (singleton axes allowed), and where the slice axis goes back."""
+    """Slices (n, rows, cols) of a 2D slice or a 3D volume (singleton axes allowed), and the slice axis's position."""
     core = [i for i, s in enumerate(data.shape) if s > 1]
     squeezed = data.reshape([data.shape[i] for i in core])
     if len(core) == 2:
@@ -402,33 +405,36 @@ def mask_name(path) -> str:
     raise DataError(f"{path}: expected a NIfTI file ending in .nii or .nii.gz")
 
 
+def segment_array(run: Run, data: np.ndarray, axis=None, path="array", batch_size: int = 32):
+    """Labels of a 2D slice or 3D volume, slice by slice, in the array's own shape; also its slices and their labels."""
+    slices, position = split_slices(dataset.check_image(data, path), axis, path)
+    inputs = np.stack([dataset.preprocess_image(s, run.prep) for s in slices])[..., None]  # (n, rows, cols, 1)
+    labels = np.stack(predict_labels(run.model, inputs, [s.shape for s in slices], batch_size, progress=False)["plain"])
+    mask = (labels[0] if position is None else np.moveaxis(labels, 0, position)).reshape(data.shape)
+    return mask, slices, labels
+
+
 def segment_files(args) -> list:
-    """Segment each input file slice by slice and write its mask (same shape, affine, header) and a preview."""
+    """Segment each input file and write its mask (same shape, affine and header) and optionally a preview."""
     run = load_run(args.run, args.model)
     out_dir = Path(args.output_dir) if args.output_dir else Path(args.run or run.model_path.parent) / "predictions"
     names = [mask_name(p) for p in args.input]
     if len(set(names)) < len(names):
-        raise DataError(f"inputs {args.input} give duplicate output names {names}; segment them into separate folders")
-    written = []
+        raise DataError(f"inputs {args.input} give duplicate output names {names}; segment them in separate runs")
     for path, name in zip(tqdm(args.input, desc="segmenting", unit="file", disable=args.quiet), names):
         try:
             image = nib.load(path)
             data = np.asanyarray(image.dataobj).astype(np.float32)
         except Exception as e:  # nibabel raises several types for missing, truncated or foreign files
             raise DataError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
-        slices, position = split_slices(dataset.check_image(data, path), args.axis, path)
-        inputs = np.stack([dataset.preprocess_image(s, run.prep) for s in slices])[..., None]
-        labels = np.stack(predict_labels(run.model, inputs, [s.shape for s in slices], args.batch_size,
-                                         progress=False)["plain"])
-        volume = (labels[0] if position is None else np.moveaxis(labels, 0, position)).reshape(data.shape)
-        atomic_write_bytes(out_dir / name, mask_nifti_bytes(volume, image, name.endswith(".gz")))
-        written.append(out_dir / name)
+        mask, slices, labels = segment_array(run, data, args.axis, path, args.batch_size)
+        atomic_write_bytes(out_dir / name, mask_nifti_bytes(mask, image, name.endswith(".gz")))
         if args.preview:
             mid = len(slices) // 2
-            save_comparison_figure(out_dir / (name.split(".nii")[0] + ".png"), slices[mid], labels[mid], run.colours,
-                                   run.names, f"{Path(path).name}: slice {mid} of {len(slices)}")
-    print(f"wrote {len(written)} mask(s) to {out_dir}")
-    return written
+            save_comparison_figure(out_dir / (name.split(".nii")[0] + ".png"), slices[mid], labels[mid],
+                                   run.colours, run.names, f"{Path(path).name}: slice {mid} of {len(slices)}")
+    print(f"wrote {len(names)} mask(s) to {out_dir}")
+    return [out_dir / n for n in names]
 
 
 def index_list(text: str) -> list:
@@ -441,22 +447,26 @@ def index_list(text: str) -> list:
 
 def parse_args(argv=None):
     """Command-line flags."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-r", "--run", default=None, help="run folder written by train.py (model.keras + config.json)")
     p.add_argument("-m", "--model", default=None, help="a model.keras to use instead; config.json is read beside it")
     p.add_argument("-d", "--data-dir", default=None, help="HipMRI folder to score (default: the run's data_dir)")
-    p.add_argument("-s", "--split", choices=list(dataset.SPLITS), default="test", help="split to score")
+    p.add_argument("-s", "--split", choices=list(dataset.SPLITS), default="test", help="split to score (default: test)")
     p.add_argument("-o", "--out", default=None, help="folder for metrics and figures (default: RUN/eval-SPLIT)")
-    p.add_argument("-b", "--batch-size", type=int, default=32, help="slices per model call")
+    p.add_argument("-b", "--batch-size", type=int, default=32, help="slices per model call (default: 32)")
     p.add_argument("--tta", action="store_true", help="also score the mean with the left-right flip; metrics.json "
                    "keeps the plain scores at the top and the TTA ones under 'tta'; masks and figures show TTA")
     p.add_argument("--save-masks", action="store_true", help="write each predicted mask as OUT/masks/seg_*.nii[.gz]")
-    p.add_argument("--figures", type=int, default=3, help="comparison figures of the N worst slices by mean Dice")
+    p.add_argument("--figures", type=int, default=3,
+                   help="comparison figures of the N worst slices by mean foreground Dice (default: 3)")
     p.add_argument("--slices", type=index_list, default=None,
                    help="comma-separated split indices to draw (default: 100, if the split has it)")
-    p.add_argument("--cache-dir", default=None, help="decoded-data cache (default $HIPMRI_CACHE or ~/.cache/hipmri-unet)")
+    p.add_argument("--cache-dir", default=None,
+                   help="decoded-data cache (default $HIPMRI_CACHE or ~/.cache/hipmri-unet)")
     p.add_argument("--skip-bad", action="store_true", help="leave out unreadable pairs, reporting each")
-    p.add_argument("-i", "--input", nargs="+", default=None, help="segment these NIfTI slices/volumes instead of a split")
+    p.add_argument("-i", "--input", nargs="+", default=None,
+                   help="segment these NIfTI slices or volumes instead of scoring a split")
     p.add_argument("--output-dir", default=None, help="with --input: where masks go (default: RUN/predictions)")
     p.add_argument("--axis", type=int, default=None, help="with --input: slice 3D volumes along this array axis "
                    "(default: the last axis longer than 1)")
@@ -465,8 +475,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not (args.run or args.model):
         p.error("give --run RUN_FOLDER or --model path/to/model.keras")
-    if args.batch_size < 1:
-        p.error("--batch-size must be at least 1")
+    if args.batch_size < 1 or args.figures < 0:
+        p.error("--batch-size must be at least 1 and --figures at least 0")
     return args
 
 

@@ -233,7 +233,7 @@ def train(args) -> dict:
     keras.mixed_precision.set_global_policy(precision)
     out = chief_dir(Path(args.out), is_chief)
 
-    data_dir = dataset.resolve_data_dir(args.data_dir)
+    data_dir = dataset.resolve_data_dir(args.data_dir, progress=not args.quiet)
     prep = dataset.Preprocessing(args.size, args.norm, args.num_classes)
     load = dict(prep=prep, cache_dir=args.cache_dir, progress=not args.quiet, skip_bad=args.skip_bad,
                 max_bad_fraction=args.max_bad_fraction)
@@ -265,9 +265,12 @@ def train(args) -> dict:
         print(f"{out} already finished {initial_epoch} epochs; nothing to do (raise --epochs to train more)")
         return state
 
+    gpus = tf.config.list_logical_devices("GPU")
+    # One GPU: copy the next batch to it during the current step (tf.distribute does this itself).
+    device = gpus[0].name if len(gpus) == 1 and strategy.num_replicas_in_sync == 1 else None
     train_ds = dataset.make_dataset(train_data, gbs, args.target_ids, shuffle=True,
                                     augment=dataset.Augment() if args.augment else None, seed=args.seed,
-                                    epochs=None, initial_epoch=initial_epoch)
+                                    epochs=None, initial_epoch=initial_epoch, device=device)
     val_ds = dataset.make_dataset(val_data, gbs, args.target_ids)
     if strategy.num_replicas_in_sync > 1:
         build_from_one_batch(model, val_ds)

@@ -293,3 +293,14 @@ def test_info_command(tiny_data, capsys):
 def test_info_missing_folder_message(tmp_path, capsys):
     assert dataset.main(["info", "--data-dir", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_prefetch_to_device_feeds_keras_fit():
+    # The GPU path prefetches to "/gpu:0"; the same code runs here with the CPU as the device.
+    import modules
+    data = _tiny_split(n=8)
+    ds = dataset.make_dataset(data, 4, shuffle=True, augment=dataset.Augment(), epochs=None, device="/cpu:0")
+    model = modules.build_unet((64, 32, 1), 6, 4)
+    model.compile("adam", modules.dice_ce_loss)
+    history = model.fit(ds, epochs=2, steps_per_epoch=2, shuffle=False, verbose=0)
+    assert len(history.history["loss"]) == 2 and all(np.isfinite(history.history["loss"]))

@@ -92,6 +92,11 @@ def test_volume_with_a_wider_slice_pads_with_background():
 
 # ----------------------------------------------------------------------------- end to end
 
+@pytest.fixture(scope="module")
+def loaded_run(tiny_run):
+    return predict.load_run(tiny_run)
+
+
 def read_csv(path):
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -133,14 +138,37 @@ def test_scoring_a_split_end_to_end(tiny_run, tiny_data, tmp_path):
     assert metrics["dice_per_slice"]["body"]["n"] == len(body)
 
 
-def test_tta_reports_plain_and_flipped_mean(tiny_run, tmp_path):
+def test_binary_run_scores_its_target_label(tiny_run, tiny_data, tmp_path):
+    import modules
+    run = tmp_path / "binary"
+    run.mkdir()
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    cfg.update(target="prostate", target_ids=[5], channel_names=["prostate"])
+    (run / "config.json").write_text(json.dumps(cfg))
+    modules.save_model(modules.build_unet((256, 128, 1), 1, 4), run / "model.keras")  # untrained is enough here
+    out = tmp_path / "eval"
+    assert predict.main(["--run", str(run), "--out", str(out), "--save-masks", "--figures", "1", "-q"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["classes"] == ["prostate"] and list(metrics["dice_per_volume"]) == ["prostate"]
+    assert metrics["mean_foreground_dice"] == metrics["dice_per_slice"]["prostate"]["mean"]
+    for row in read_csv(out / "per_slice.csv"):
+        name = row["file"].replace("case_", "seg_", 1)
+        pred = np.squeeze(np.asanyarray(nib.load(out / "masks" / name).dataobj))
+        truth = np.squeeze(np.asanyarray(nib.load(tiny_data / "keras_slices_seg_test" / name).dataobj)) == 5
+        assert set(np.unique(pred)) <= {0, 1}
+        expected = independent_dice(truth.astype(int), pred, 1)
+        cell = row["dice_prostate"]
+        assert (cell == "") if np.isnan(expected) else float(cell) == pytest.approx(expected, abs=1e-6)
+
+
+def test_tta_reports_plain_and_flipped_mean(tiny_run, loaded_run, tmp_path):
     out = tmp_path / "tta"
     assert predict.main(["--run", str(tiny_run), "--out", str(out), "--tta", "--figures", "0", "-q"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert SCORE_KEYS <= set(metrics["tta"]) and metrics["tta"]["dice_per_slice"].keys() == set(FOREGROUND)
     assert "tta_dice_prostate" in read_csv(out / "per_slice.csv")[0]
 
-    run = predict.load_run(tiny_run)
+    run = loaded_run
     x = np.random.default_rng(0).random((2, 256, 128, 1), np.float32)
     plain, tta = predict.predict_probabilities(run.model, x, tta=True)
     flipped = np.asarray(run.model(x[:, ::-1].copy(), training=False))[:, ::-1]
@@ -149,7 +177,7 @@ def test_tta_reports_plain_and_flipped_mean(tiny_run, tmp_path):
 
 # ----------------------------------------------------------------------------- new files
 
-def test_segmenting_files_keeps_shape_affine_and_labels(tiny_run, tiny_data, tmp_path):
+def test_segmenting_files_keeps_shape_affine_and_labels(tiny_run, loaded_run, tiny_data, tmp_path):
     slices = [np.squeeze(nib.load(p).get_fdata(dtype=np.float32))
               for p in sorted((tiny_data / "keras_slices_test").glob("case_*"))[:3]]
     slices = [s[:, :128] for s in slices]
@@ -167,18 +195,21 @@ def test_segmenting_files_keeps_shape_affine_and_labels(tiny_run, tiny_data, tmp
         mask, image = nib.load(out / name), nib.load(src)
         data = np.asanyarray(mask.dataobj)
         assert data.shape == image.shape and data.dtype == np.uint8 and mask.get_data_dtype() == np.uint8
+        assert (mask.dataobj.slope, mask.dataobj.inter) == (1, 0)  # stored unscaled: labels read back exactly
         np.testing.assert_allclose(mask.affine, affine, atol=1e-5)
         assert set(np.unique(data)) <= set(range(6))
         assert (out / name.replace(".nii.gz", ".png").replace(".nii", ".png")).exists()
     # The volume is segmented slice by slice: its middle slice gets the same labels as the same 2D file.
     np.testing.assert_array_equal(np.asanyarray(nib.load(out / "vol_mask.nii.gz").dataobj)[..., 1],
                                   np.asanyarray(nib.load(out / "flat_mask.nii").dataobj)[..., 0])
-
-    across = write_nifti(tmp_path / "in" / "across.nii.gz", np.stack(slices, axis=0), affine, np.float32)
-    assert predict.main(["--run", str(tiny_run), "--input", str(across), "--output-dir", str(out), "--axis", "0",
-                         "-q"]) == 0
-    np.testing.assert_array_equal(np.asanyarray(nib.load(out / "across_mask.nii.gz").dataobj),
-                                  np.moveaxis(np.asanyarray(nib.load(out / "vol_mask.nii.gz").dataobj), -1, 0))
+    # Slicing along another axis gives the same labels, in that axis's place.
+    across = np.stack(slices, axis=0)[:, None]  # (3, 1, 256, 128)
+    mask = predict.segment_array(loaded_run, across, axis=0)[0]
+    assert mask.shape == across.shape and mask.dtype == np.uint8
+    by_last_axis = np.asanyarray(nib.load(out / "vol_mask.nii.gz").dataobj)
+    np.testing.assert_array_equal(mask[:, 0], np.moveaxis(by_last_axis, -1, 0))
+    with pytest.raises(predict.DataError, match="cannot be sliced along --axis 1"):
+        predict.segment_array(loaded_run, across, axis=1)
 
 
 def test_unusable_input_files_name_the_file(tiny_run, tmp_path, capsys):
