@@ -7,6 +7,9 @@ import os
 import tempfile
 from pathlib import Path
 
+UMASK = os.umask(0o022)  # read once at import (it can only be read by setting it), then put back
+os.umask(UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path):
@@ -19,6 +22,7 @@ def atomic_path(path):
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -33,6 +33,9 @@ from tqdm import tqdm
 from atomic_io import atomic_write_json
 
 CLASS_NAMES = ("background", "body", "bone", "bladder", "rectum", "prostate")
+# One RGBA colour per label for every figure (alpha for overlays on the image; background clear).
+LABEL_COLOURS = ((0, 0, 0, 0), (0.2, 0.8, 0.2, 0.15), (1, 0.85, 0, 0.5), (0.1, 0.5, 1, 0.6),
+                 (1, 0.45, 0, 0.7), (0.95, 0.1, 0.3, 0.7))
 SPLITS = {
     "train": ("keras_slices_train", "keras_slices_seg_train"),
     "validate": ("keras_slices_validate", "keras_slices_seg_validate"),

@@ -27,26 +27,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import cv2  # noqa: E402
 import keras  # noqa: E402
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import dataset  # noqa: E402
+import figures  # noqa: E402
 import modules  # noqa: E402, F401  (registers the custom losses and metrics for load_model)
-from atomic_io import atomic_path, atomic_write_bytes, atomic_write_json  # noqa: E402
+from atomic_io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from dataset import DataError  # noqa: E402
 
 CONVENTION = ("Dice and IoU per image (slice or case-week volume) and foreground label; an image where the label "
               "is in neither truth nor prediction has no score and is left out of that label's mean, std and n; "
               "background is never scored; std is the population std (ddof 0).")
-# Same colours as synthetic.save_preview (RGBA, alpha for overlays); labels past the sixth use tab10.
-LABEL_COLOURS = np.array([[0, 0, 0, 0], [0.2, 0.8, 0.2, 0.15], [1, 0.85, 0, 0.5], [0.1, 0.5, 1, 0.6],
-                          [1, 0.45, 0, 0.7], [0.95, 0.1, 0.3, 0.7]])
 RUN_KEYS = ("input_size", "target_ids", "channel_names", "class_names", "num_classes", "preprocessing")
 
 
@@ -89,29 +82,31 @@ def load_run(run=None, model_path=None) -> Run:
     except Exception as e:  # Keras raises several types for a truncated or foreign file
         raise RunError(f"{model_path}: not a readable Keras model ({type(e).__name__}: {e}); expected the "
                        "model.keras written by train.py; copy it again or retrain") from None
+    check_run(cfg, model, config_path, model_path)
     channels, binary = cfg["channel_names"], cfg["target_ids"] is not None
-    found = {"input size": list(model.input_shape[1:3]), "output channels": model.output_shape[-1]}
-    expected = {"input size": list(cfg["input_size"]), "output channels": len(channels)}
-    if found != expected or len(channels) != (1 if binary else cfg["num_classes"]) \
-            or len(cfg["class_names"]) != cfg["num_classes"]:
-        raise RunError(f"{config_path} does not match {model_path}: the model has {found}, the config expects "
-                       f"{expected} (channel_names {channels}, {cfg['num_classes']} classes, target_ids "
-                       f"{cfg['target_ids']}); use the config.json written with this model")
     p = cfg["preprocessing"]
     prep = dataset.Preprocessing(tuple(p["size"]), p["norm"], p["num_classes"])
     if binary:
         labels, names = [1], list(channels)
-        colours = label_colours(cfg["num_classes"])[[0, cfg["target_ids"][0]]]  # the target's own colour
+        colours = figures.label_colours(cfg["num_classes"])[[0, cfg["target_ids"][0]]]  # the target's own colour
     else:
         labels, names = list(range(1, cfg["num_classes"])), cfg["class_names"][1:]
-        colours = label_colours(cfg["num_classes"])
+        colours = figures.label_colours(cfg["num_classes"])
     return Run(model, cfg, model_path, prep, labels, names, colours)
 
 
-def label_colours(n: int) -> np.ndarray:
-    """RGBA for labels 0..n-1: the fixed palette, then tab10 for extra labels."""
-    extra = [(*plt.get_cmap("tab10")(i % 10)[:3], 0.6) for i in range(max(0, n - len(LABEL_COLOURS)))]
-    return np.concatenate([LABEL_COLOURS, np.array(extra).reshape(-1, 4)])[:n]
+def check_run(cfg: dict, model, config_path, model_path) -> None:
+    """Refuse a config.json that does not describe this model (or contradicts itself)."""
+    p, binary = cfg["preprocessing"], cfg["target_ids"] is not None
+    found = {"input size": list(model.input_shape[1:3]), "output channels": model.output_shape[-1]}
+    expected = {"input size": list(cfg["input_size"]), "output channels": len(cfg["channel_names"])}
+    consistent = (list(p.get("size", [])) == list(cfg["input_size"]) and p.get("num_classes") == cfg["num_classes"]
+                  and len(cfg["class_names"]) == cfg["num_classes"] and p.get("norm") in ("minmax", "zscore")
+                  and len(cfg["channel_names"]) == (1 if binary else cfg["num_classes"]))
+    if found != expected or not consistent:
+        raise RunError(f"{config_path} does not match {model_path}: the model has {found}, the config expects "
+                       f"{expected} (channel_names {cfg['channel_names']}, {cfg['num_classes']} classes, target_ids "
+                       f"{cfg['target_ids']}, preprocessing {p}); use the config.json written with this model")
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -209,7 +204,7 @@ def load_truth(ref, run: Run) -> np.ndarray:
 # ----------------------------------------------------------------------------- files
 
 def mask_nifti_bytes(labels: np.ndarray, like, gz: bool) -> bytes:
-    """A uint8 label image with the shape, affine and header of `like`, stored unscaled so labels read back exactly."""
+    """uint8 labels with the shape, affine and header of `like`; slope 1, intercept 0: labels read back exactly."""
     header = like.header.copy()
     header.set_data_dtype(np.uint8)
     image = type(like)(labels.reshape(like.shape).astype(np.uint8), like.affine, header)
@@ -220,7 +215,7 @@ def mask_nifti_bytes(labels: np.ndarray, like, gz: bool) -> bytes:
 
 
 def write_mask(path: Path, labels: np.ndarray, like_path) -> None:
-    """Write a predicted mask beside the geometry of the image it came from, atomically."""
+    """Write a predicted mask with the geometry and header of the image it came from, atomically."""
     like = nib.load(str(like_path))
     atomic_write_bytes(path, mask_nifti_bytes(labels, like, str(path).endswith(".gz")))
 
@@ -249,77 +244,23 @@ def _csv_cell(v) -> str:
     return str(v)
 
 
-# ----------------------------------------------------------------------------- figures
-
-def _view(a: np.ndarray) -> np.ndarray:
-    """Radiological display of a slice (as synthetic.save_preview): axis 0 (left-right) horizontal, anterior up."""
-    return np.flipud(np.swapaxes(a, 0, 1))
-
-
-def save_comparison_figure(path, image, pred, colours, names, title, truth=None) -> None:
-    """Input, ground truth, prediction and prediction over the input, labels in fixed colours with a legend."""
-    opaque = colours.copy()
-    opaque[:, 3], opaque[0] = 1, (0, 0, 0, 1)
-    lo, hi = np.percentile(image, [0.5, 99.5])
-    # (title, label map or None, drawn over the image?)
-    panels = [("input", None, True), *([("ground truth", truth, False)] if truth is not None else []),
-              ("prediction", pred, False), ("prediction over input", pred, True)]
-    rows, cols = (2, 2) if len(panels) == 4 else (1, len(panels))
-    height = 4.3 * image.shape[1] / image.shape[0] + 0.4  # of one panel: the slice is shown transposed
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, height * rows + 0.9), squeeze=False,
-                             layout="constrained")
-    for ax, (name, labels, over_image) in zip(axes.flat, panels):
-        if over_image:
-            ax.imshow(_view(image), cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
-        if labels is not None:
-            ax.imshow(_view((colours if over_image else opaque)[labels]), interpolation="nearest")
-        ax.set_title(name, fontsize=9)
-        ax.axis("off")
-    handles = [Patch(color=colours[i][:3], label=f"{i} {n}") for i, n in enumerate(names, start=1)]
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
-    fig.suptitle(title, fontsize=9)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-
-
-def save_dice_boxplot(path, arrays: dict, names, colours, title) -> None:
-    """Box plot of the per-slice Dice of each label, with the per-volume Dice as black dots."""
-    fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 4))
-    per_slice = [c[np.isfinite(c)] for c in arrays["dice"].T]
-    boxes = ax.boxplot([c if len(c) else [np.nan] for c in per_slice], patch_artist=True, widths=0.5,
-                       medianprops={"color": "black"})
-    for box, colour in zip(boxes["boxes"], colours[1:]):
-        box.set(facecolor=(*colour[:3], 0.5))
-    for i, col in enumerate(arrays["volume_dice"].T, start=1):
-        col = col[np.isfinite(col)]
-        ax.plot(np.full(len(col), i + 0.3), col, "kD", markersize=4, label="per volume" if i == 1 else None)
-    ax.set_xticks(range(1, len(names) + 1), [f"{n}\nn = {len(c)}" for n, c in zip(names, per_slice)])
-    ax.set(ylabel="Dice", ylim=(-0.02, 1.02), title=title)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------- the two commands
 
 def save_figures(out: Path, split: str, data, truths, preds, arrays: dict, picks, n_worst: int, run: Run,
                  tag: str = "") -> int:
     """Comparison figures of the chosen slices and of the n_worst by mean foreground Dice, and the box plot."""
     ranked = [i for i in np.argsort(arrays["mean_dice"], kind="stable") if np.isfinite(arrays["mean_dice"][i])]
-    figures = [(f"{split}_image_prediction_comparison_{i}.png", i) for i in picks]
-    figures += [(f"{split}_worst_{rank}_{i}.png", i) for rank, i in enumerate(ranked[:n_worst], start=1)]
-    for name, i in figures:
+    panels = [(f"{split}_image_prediction_comparison_{i}.png", i) for i in picks]
+    panels += [(f"{split}_worst_{rank}_{i}.png", i) for rank, i in enumerate(ranked[:n_worst], start=1)]
+    for name, i in panels:
         ref = data.refs[i]
         scores = " ".join(f"{n} {d:.2f}" if np.isfinite(d) else f"{n} -"  # '-': label in neither
                           for n, d in zip(run.names, arrays["dice"][i]))
-        save_comparison_figure(out / name, dataset.read_slice(ref.image), preds[i], run.colours, run.names,
-                               f"{split} slice {i}: {Path(ref.image).name}{tag}\nDice {scores}", truth=truths[i])
-    save_dice_boxplot(out / "dice_boxplot.png", arrays, run.names, run.colours, f"{split}: Dice per label{tag}")
-    return len(figures) + 1
+        figures.save_comparison_figure(out / name, dataset.read_slice(ref.image), preds[i], run.colours, run.names,
+                                       f"{split} slice {i}: {Path(ref.image).name}{tag}\nDice {scores}",
+                                       truth=truths[i])
+    figures.save_dice_boxplot(out / "dice_boxplot.png", arrays, run.names, run.colours, f"{split}: Dice per label{tag}")
+    return len(panels) + 1
 
 
 def evaluate(args) -> dict:
@@ -327,8 +268,9 @@ def evaluate(args) -> dict:
     start = time.perf_counter()
     run = load_run(args.run, args.model)
     data_dir = args.data_dir or run.cfg.get("data_dir")
-    if not data_dir:
-        raise RunError(f"{run.model_path.parent / 'config.json'} names no data_dir; pass --data-dir")
+    if not args.data_dir and not (data_dir and Path(data_dir).is_dir()):
+        raise RunError(f"{run.model_path.parent / 'config.json'}: the run's data_dir {data_dir!r} is not a folder "
+                       f"here (working directory {Path.cwd()}); pass --data-dir")
     out = Path(args.out) if args.out else Path(args.run or run.model_path.parent) / f"eval-{args.split}"
     data = dataset.load_split(data_dir, args.split, run.prep, cache_dir=args.cache_dir, progress=not args.quiet,
                               skip_bad=args.skip_bad)
@@ -431,7 +373,7 @@ def segment_files(args) -> list:
         atomic_write_bytes(out_dir / name, mask_nifti_bytes(mask, image, name.endswith(".gz")))
         if args.preview:
             mid = len(slices) // 2
-            save_comparison_figure(out_dir / (name.split(".nii")[0] + ".png"), slices[mid], labels[mid],
+            figures.save_comparison_figure(out_dir / (name.split(".nii")[0] + ".png"), slices[mid], labels[mid],
                                    run.colours, run.names, f"{Path(path).name}: slice {mid} of {len(slices)}")
     print(f"wrote {len(names)} mask(s) to {out_dir}")
     return [out_dir / n for n in names]

@@ -465,8 +465,9 @@ def save_preview(path, data_dir=None, seed: int = 42) -> None:
         if not Path(data_dir, MARKER).exists():
             raise FileNotFoundError(f"{data_dir} has no {MARKER}: preview a finished phantom, or pass no data_dir")
         info = json.loads(Path(data_dir, MARKER).read_text())
-    colours = np.array([[0, 0, 0, 0], [0.2, 0.8, 0.2, 0.15], [1, 0.85, 0, 0.5], [0.1, 0.5, 1, 0.6],
-                        [1, 0.45, 0, 0.7], [0.95, 0.1, 0.3, 0.7]])
+    from dataset import LABEL_COLOURS  # here: dataset imports this module
+
+    colours = np.array(LABEL_COLOURS)
     slices = preview_slices(data_dir, info["seed"], info["preset"])
     cols, rows = 3, math.ceil(len(slices) / 3)
     fig, axes = plt.subplots(2 * rows, cols, figsize=(4.4 * cols, 4.6 * rows), squeeze=False)

@@ -27,8 +27,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import dataset  # noqa: E402
+import figures  # noqa: E402
 import modules  # noqa: E402
-from atomic_io import atomic_path, atomic_write_bytes, atomic_write_json  # noqa: E402
+from atomic_io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from distribute import build_from_one_batch, chief_dir, make_strategy  # noqa: E402
 
 MONITOR = "val_dice"  # mean foreground Dice on the validation split
@@ -165,7 +166,7 @@ class RunState(keras.callbacks.Callback):
         if old.exists():
             old.unlink()
         write_history_csv(self.out / "history.csv", st["history"])
-        save_training_plots(st["history"], self.out)
+        figures.save_training_plots(st["history"], self.out)
         per_class = " ".join(f"{n} {row.get('val_dice_' + n, float('nan')):.3f}" for n in self.summary_names)
         print(f"epoch {epoch + 1}/{self.params['epochs']} loss {row['loss']:.4f} val_loss {row['val_loss']:.4f} "
               f"val_dice {row[MONITOR]:.4f} | {per_class} | lr {row['learning_rate']:.2e} {row['seconds']:.0f}s", flush=True)
@@ -183,26 +184,6 @@ def write_history_csv(path: Path, history: list) -> None:
     writer.writeheader()
     writer.writerows(history)
     atomic_write_bytes(path, buf.getvalue().encode())
-
-
-def save_training_plots(history: list, out: Path) -> None:
-    """Loss, accuracy and Dice against epochs for training and validation, as in the original README."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    for key, title in (("loss", "Loss"), ("accuracy", "Accuracy"), ("dice", "Mean foreground Dice")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(epochs, [h[key] for h in history], "o-", label="training")
-        ax.plot(epochs, [h["val_" + key] for h in history], "o-", label="validation")
-        ax.set(xlabel="epoch", ylabel=key, title=f"{title} vs epoch")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        with atomic_path(out / f"training_validation_{'loss' if key == 'loss' else key}.png") as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-        plt.close(fig)
 
 
 def load_state(out: Path, cfg: dict):
@@ -239,7 +220,7 @@ def train(args) -> dict:
                 max_bad_fraction=args.max_bad_fraction)
     train_data = dataset.load_split(data_dir, "train", **load)
     val_data = dataset.load_split(data_dir, "validate", **load)
-    args.data_dir = str(data_dir)
+    args.data_dir = str(data_dir.resolve())  # predict.py may run from another folder
     cfg = run_config(args, precision, strategy, train_data, val_data)
 
     names = channel_names(args)

@@ -1,0 +1,94 @@
+"""Every figure of a run: training curves, prediction comparison panels, the Dice box plot.
+
+Slices are drawn as radiologists view an axial pelvis: array axis 0 (left-right) horizontal, anterior
+up. Labels keep one colour everywhere (dataset.LABEL_COLOURS).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+import dataset  # noqa: E402
+from atomic_io import atomic_path  # noqa: E402
+
+
+def save_figure(fig, path) -> None:
+    """Save a figure as PNG atomically and close it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def label_colours(n: int) -> np.ndarray:
+    """RGBA for labels 0..n-1: the fixed palette, then tab10 for extra labels."""
+    extra = [(*plt.get_cmap("tab10")(i % 10)[:3], 0.6) for i in range(max(0, n - len(dataset.LABEL_COLOURS)))]
+    return np.concatenate([np.array(dataset.LABEL_COLOURS), np.array(extra).reshape(-1, 4)])[:n]
+
+
+def view(a: np.ndarray) -> np.ndarray:
+    """Radiological display of a slice (as synthetic.save_preview): axis 0 (left-right) horizontal, anterior up."""
+    return np.flipud(np.swapaxes(a, 0, 1))
+
+
+def save_comparison_figure(path, image, pred, colours, names, title, truth=None) -> None:
+    """Input, ground truth, prediction and prediction over the input, labels in fixed colours with a legend."""
+    opaque = colours.copy()
+    opaque[:, 3], opaque[0] = 1, (0, 0, 0, 1)
+    lo, hi = np.percentile(image, [0.5, 99.5])
+    # (title, label map or None, drawn over the image?)
+    panels = [("input", None, True), *([("ground truth", truth, False)] if truth is not None else []),
+              ("prediction", pred, False), ("prediction over input", pred, True)]
+    rows, cols = (2, 2) if len(panels) == 4 else (1, len(panels))
+    height = 4.3 * image.shape[1] / image.shape[0] + 0.4  # of one panel: the slice is shown transposed
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, height * rows + 0.9), squeeze=False,
+                             layout="constrained")
+    for ax, (name, labels, over_image) in zip(axes.flat, panels):
+        if over_image:
+            ax.imshow(view(image), cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+        if labels is not None:
+            ax.imshow(view((colours if over_image else opaque)[labels]), interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    handles = [Patch(color=colours[i][:3], label=f"{i} {n}") for i, n in enumerate(names, start=1)]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=9)
+    save_figure(fig, path)
+
+
+def save_dice_boxplot(path, arrays: dict, names, colours, title) -> None:
+    """Box plot of the per-slice Dice of each label, with the per-volume Dice as black dots."""
+    fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 4))
+    per_slice = [c[np.isfinite(c)] for c in arrays["dice"].T]
+    boxes = ax.boxplot([c if len(c) else [np.nan] for c in per_slice], patch_artist=True, widths=0.5,
+                       medianprops={"color": "black"})
+    for box, colour in zip(boxes["boxes"], colours[1:]):
+        box.set(facecolor=(*colour[:3], 0.5))
+    for i, col in enumerate(arrays["volume_dice"].T, start=1):
+        col = col[np.isfinite(col)]
+        ax.plot(np.full(len(col), i + 0.3), col, "kD", markersize=4, label="per volume" if i == 1 else None)
+    ax.set_xticks(range(1, len(names) + 1), [f"{n}\nn = {len(c)}" for n, c in zip(names, per_slice)])
+    ax.set(ylabel="Dice", ylim=(-0.02, 1.02), title=title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_training_plots(history: list, out: Path) -> None:
+    """Loss, accuracy and Dice against epochs for training and validation, as in the original README."""
+    epochs = [h["epoch"] for h in history]
+    for key, title in (("loss", "Loss"), ("accuracy", "Accuracy"), ("dice", "Mean foreground Dice")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(epochs, [h[key] for h in history], "o-", label="training")
+        ax.plot(epochs, [h["val_" + key] for h in history], "o-", label="validation")
+        ax.set(xlabel="epoch", ylabel=key, title=f"{title} vs epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        save_figure(fig, out / f"training_validation_{key}.png")
