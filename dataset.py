@@ -123,8 +123,11 @@ def _index_folder(folder: Path, prefix: str) -> dict:
     return index
 
 
-def list_split(data_dir, split: str) -> list:
-    """Pair every image of a split with its mask by name, sorted by case, week and slice."""
+def list_split(data_dir, split: str, unpaired: list | None = None) -> list:
+    """Pair every image of a split with its mask by name, sorted by case, week and slice.
+
+    Files without a partner are an error, or, when an `unpaired` list is given, are listed there.
+    """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
     root = find_data_root(data_dir)
@@ -138,11 +141,14 @@ def list_split(data_dir, split: str) -> list:
         raise DataError(f"split {split!r}: {image_dir} holds no case_X_week_Y_slice_Z.nii[.gz] files")
     lonely = [str(image_dir / images[k]) + " (no mask)" for k in sorted(images.keys() - masks.keys())]
     lonely += [str(mask_dir / masks[k]) + " (no image)" for k in sorted(masks.keys() - images.keys())]
-    if lonely:
+    if lonely and unpaired is None:
         raise DataError(f"split {split!r}: {len(lonely)} file(s) without a partner; the mask of "
                         "case_X_week_Y_slice_Z is seg_X_week_Y_slice_Z:\n  " + "\n  ".join(lonely))
+    if unpaired is not None:
+        unpaired += [f"{f.rsplit(' (', 1)[0]}: no partner ({f.rsplit(' (', 1)[1]}" for f in lonely]
     image_dir, mask_dir = str(image_dir), str(mask_dir)  # os.path.join: ~10x cheaper than Path / for 25k files
-    return [SliceRef(os.path.join(image_dir, images[k]), os.path.join(mask_dir, masks[k]), *k) for k in sorted(images)]
+    return [SliceRef(os.path.join(image_dir, images[k]), os.path.join(mask_dir, masks[k]), *k)
+            for k in sorted(images.keys() & masks.keys())]
 
 
 DEFAULT_DATA = Path("data")
@@ -246,7 +252,7 @@ def check_mask(mask: np.ndarray, path: str, num_classes: int) -> np.ndarray:
     if not np.all(np.isfinite(mask)) or np.abs(mask - labels).max(initial=0) > 1e-3:
         odd = np.unique(mask[~np.isclose(mask, labels, atol=1e-3)])[:5]
         raise DataError(f"{path}: mask values {odd.tolist()} are not integer labels; "
-                        "masks must hold labels 0..{num_classes - 1} (never interpolate or normalise masks)")
+                        f"masks must hold labels 0..{num_classes - 1} (never interpolate or normalise masks)")
     if labels.min(initial=0) < 0 or labels.max(initial=0) >= num_classes:
         found = np.unique(labels).astype(int).tolist()
         raise DataError(f"{path}: labels {found} found, expected 0..{num_classes - 1} "
@@ -385,15 +391,28 @@ def _write_cache(folder: Path, data: SplitData) -> None:
         "counts_crc32": zlib.crc32(np.ascontiguousarray(data.label_counts))})
 
 
+def _check_bad_fraction(split: str, errors: list, total: int, max_bad_fraction: float) -> None:
+    """Refuse a split with too many broken pairs; warn about each one left out."""
+    if len(errors) > max_bad_fraction * total:
+        raise DataError(f"split {split!r}: {len(errors)} of {total} pairs are broken, more than the "
+                        f"allowed {max_bad_fraction:.0%}; fix the data first:\n  " + "\n  ".join(errors[:20]))
+    for e in errors:
+        warnings.warn(f"skipping: {e}")
+
+
 def load_split(data_dir, split: str, prep: Preprocessing = Preprocessing(), cache_dir=None, use_cache=True,
                workers=None, progress=True, skip_bad=False, max_bad_fraction=0.05) -> SplitData:
     """Load a whole split as model-size arrays, in parallel, served from the cache when unchanged.
 
     With skip_bad, broken pairs are reported and left out, unless more than max_bad_fraction are broken.
     """
-    refs = list_split(data_dir, split)
+    lonely = [] if skip_bad else None
+    refs = list_split(data_dir, split, unpaired=lonely)
+    lonely = lonely or []
     cache = Path(cache_dir or default_cache_dir()) / f"{split}-{_cache_key(refs, prep, skip_bad)}"
     if use_cache and (cached := _read_cache(cache, len(refs), prep)) is not None:
+        cached.skipped = lonely + cached.skipped
+        _check_bad_fraction(split, cached.skipped, len(refs) + len(lonely), max_bad_fraction)
         return cached
 
     # Threads, not processes: inflating and the NumPy/OpenCV work release the GIL, and every worker writes
@@ -416,12 +435,7 @@ def load_split(data_dir, split: str, prep: Preprocessing = Preprocessing(), cach
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
         raise DataError(f"split {split!r}: {len(errors)} of {len(refs)} pair(s) cannot be used "
                         "(use --skip-bad to leave them out):\n  " + "\n  ".join(errors[:20]) + more)
-    if errors:
-        if len(errors) > max_bad_fraction * len(refs):
-            raise DataError(f"split {split!r}: {len(errors)} of {len(refs)} pairs are broken, more than the "
-                            f"allowed {max_bad_fraction:.0%}; fix the data first:\n  " + "\n  ".join(errors[:20]))
-        for e in errors:
-            warnings.warn(f"skipping: {e}")
+    _check_bad_fraction(split, lonely + errors, len(refs) + len(lonely), max_bad_fraction)
     keep = [i for i, r in enumerate(results) if not isinstance(r, str)]
     if len(keep) < len(refs):  # close the rows of the pairs left out
         images, masks = images[keep], masks[keep]
@@ -434,6 +448,7 @@ def load_split(data_dir, split: str, prep: Preprocessing = Preprocessing(), cach
             _write_cache(cache, data)
         except OSError as e:
             warnings.warn(f"could not write the cache at {cache} ({e}); the next run loads from files again")
+    data.skipped = lonely + errors  # the cache keeps the load errors; unpaired files are found anew each time
     return data
 
 
@@ -572,8 +587,10 @@ def describe(data_dir, num_classes=len(CLASS_NAMES), cache_dir=None) -> dict:
     names = CLASS_NAMES if num_classes == len(CLASS_NAMES) else tuple(f"label_{i}" for i in range(num_classes))
     for split in SPLITS:
         try:
-            data = load_split(data_dir, split, Preprocessing(num_classes=num_classes), cache_dir=cache_dir,
-                              skip_bad=True, max_bad_fraction=1.0, progress=sys.stderr.isatty())
+            with warnings.catch_warnings():  # every skipped pair is in the report already
+                warnings.simplefilter("ignore")
+                data = load_split(data_dir, split, Preprocessing(num_classes=num_classes), cache_dir=cache_dir,
+                                  skip_bad=True, max_bad_fraction=1.0, progress=sys.stderr.isatty())
         except DataError as e:
             report[split] = {"problems": [str(e)]}
             continue

@@ -303,3 +303,19 @@ def test_prefetch_to_device_feeds_keras_fit():
     model.compile("adam", modules.dice_ce_loss)
     history = model.fit(ds, epochs=2, steps_per_epoch=2, shuffle=False, verbose=0)
     assert len(history.history["loss"]) == 2 and all(np.isfinite(history.history["loss"]))
+
+
+def test_skip_bad_also_skips_unpaired_and_info_lists_every_problem(tmp_path, capsys):
+    root = make_layout(tmp_path, pairs=[(1, 0, s) for s in range(10)])
+    os.remove(root / "keras_slices_seg_train" / "seg_001_week_0_slice_9.nii.gz")
+    (root / "keras_slices_train" / "case_001_week_0_slice_2.nii.gz").write_bytes(b"not nifti")
+    cache = tmp_path / "cache"
+    for _ in range(2):  # from the files, then from the cache: the same report
+        with pytest.warns(UserWarning, match="skipping"):
+            data = dataset.load_split(root, "train", cache_dir=cache, progress=False, skip_bad=True,
+                                      max_bad_fraction=0.25)
+        assert len(data) == 8 and len(data.skipped) == 2
+        assert "slice_9.nii.gz: no partner (no mask)" in data.skipped[0] and "slice_2" in data.skipped[1]
+    assert dataset.main(["info", "--data-dir", str(root), "--cache-dir", str(cache)]) == 1
+    out = capsys.readouterr().out
+    assert "problems: 2" in out and "no partner" in out and "slice_2.nii.gz: truncated or corrupt gzip" in out
