@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TF ?=
+GPU ?=
 RUN ?= runs/demo
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
@@ -13,7 +13,11 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt $(TF)
+	$(PY) -m pip install --quiet -r requirements.txt
+ifeq ($(GPU),1)
+	$(PY) -m pip uninstall --quiet --yes tensorflow-cpu
+	$(PY) -m pip install --quiet "tensorflow[and-cuda]==2.21.*"
+endif
 	touch $@
 
 demo: venv  ## train on the demo phantom (resuming if interrupted), then score the test split

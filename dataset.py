@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
-import math
 import os
 import re
-import struct
 import sys
 import warnings
 import zlib
@@ -28,6 +27,8 @@ from pathlib import Path
 import cv2
 import nibabel as nib
 import numpy as np
+from isal import igzip
+from isal.igzip_lib import IsalError
 from tqdm import tqdm
 
 from atomic_io import atomic_write_json
@@ -174,56 +175,27 @@ def resolve_data_dir(data_dir=None, progress=True) -> Path:
 
 # ----------------------------------------------------------------------------- one pair
 
-# NIfTI-1 datatype codes the fast reader maps straight to NumPy; any other type goes through nibabel.
-_NIFTI1_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8",
-                  1280: "u8"}
-
-
-def _plain_nifti1_array(raw: bytes):
-    """The voxels of an unscaled single-file NIfTI-1 image read from its header, or None to leave it to nibabel.
-
-    nibabel spends ~0.4 ms per file building header objects; this covers what HipMRI and most tools write
-    (plain numeric types, no scaling) with the same result, and leaves anything else to nibabel.
-    """
-    if len(raw) < 352 or raw[344:348] != b"n+1\x00":
-        return None
-    endian = "<" if struct.unpack_from("<i", raw)[0] == 348 else ">"
-    if struct.unpack_from(endian + "i", raw)[0] != 348:
-        return None
-    dims = struct.unpack_from(endian + "8h", raw, 40)
-    code = struct.unpack_from(endian + "h", raw, 70)[0]
-    offset, slope, inter = struct.unpack_from(endian + "3f", raw, 108)
-    shape = dims[1:dims[0] + 1]
-    if code not in _NIFTI1_DTYPES or not 1 <= dims[0] <= 7 or min(shape) < 1 or offset < 352 or offset % 1:
-        return None
-    if slope != 0 and np.isfinite(slope) and (slope, inter) != (1, 0):  # scaled: nibabel applies it
-        return None
-    dtype = np.dtype(endian + _NIFTI1_DTYPES[code])
-    count = math.prod(shape)
-    if int(offset) + count * dtype.itemsize > len(raw):
-        return None  # truncated: nibabel names the problem
-    return np.frombuffer(raw, dtype, count, int(offset)).reshape(shape, order="F")
-
-
 def read_slice(path) -> np.ndarray:
     """Read one NIfTI slice as a 2D float32 array; refuse anything that is not one 2D slice."""
     path = str(path)
     try:
         with open(path, "rb") as f:
             raw = f.read()
-        if not raw:
-            raise DataError(f"{path}: the file is empty; expected a NIfTI slice")
-        if path.endswith(".gz"):
-            raw = zlib.decompress(raw, wbits=31)  # whole-buffer inflate: ~2x faster than nibabel's stream
-        data = _plain_nifti1_array(raw)
-        if data is None:
-            image_class = nib.Nifti2Image if raw[:4] == b"\x1c\x02\x00\x00" or raw[:4] == b"\x00\x00\x02\x1c" \
-                else nib.Nifti1Image
-            data = np.asanyarray(image_class.from_bytes(raw).dataobj)
-    except DataError:
-        raise
-    except (zlib.error, EOFError) as e:
-        raise DataError(f"{path}: truncated or corrupt gzip data ({e}); re-copy the file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not raw:
+        raise DataError(f"{path}: the file is empty; expected a NIfTI slice")
+    if path.endswith(".gz"):
+        try:  # whole-buffer inflate with ISA-L: ~3.5x faster than nibabel's gzip stream
+            raw = igzip.decompress(raw)
+        except (OSError, EOFError, IsalError) as e:  # gzip.BadGzipFile is an OSError
+            raise DataError(f"{path}: truncated or corrupt gzip data ({e}); re-copy the file") from None
+    try:
+        header_class = nib.Nifti2Header if raw[:4] in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c") else nib.Nifti1Header
+        stream = io.BytesIO(raw)
+        # The header gives dtype, byte order, shape, offset and scaling; building a whole Nifti1Image
+        # around it would cost as much again.
+        data = header_class.from_fileobj(stream).data_from_fileobj(stream)
     except Exception as e:  # nibabel raises several types for non-NIfTI bytes
         raise DataError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
     shape = data.shape
@@ -231,7 +203,8 @@ def read_slice(path) -> np.ndarray:
     if data.ndim != 2:
         raise DataError(f"{path}: shape {shape}, expected one 2D slice (rows, cols) with at most "
                         "singleton extra axes; split volumes into slices first")
-    return data.astype(np.float32)  # always a copy: the fast path's array is a read-only view of the bytes
+    data = data.astype(np.float32, copy=False)
+    return data if data.flags.writeable else data.copy()  # a view of read-only bytes: copy it
 
 
 def check_image(image: np.ndarray, path: str) -> np.ndarray:
@@ -335,7 +308,7 @@ def fingerprint(refs) -> str:
     h = hashlib.sha256()
     for r in refs:
         for p in (r.image, r.mask):
-            h.update(f"{Path(p).name}:{os.path.getsize(p)};".encode())
+            h.update(f"{os.path.basename(p)}:{os.path.getsize(p)};".encode())  # basename: Path(p).name, 4x cheaper
     return h.hexdigest()[:16]
 
 
@@ -409,7 +382,7 @@ def load_split(data_dir, split: str, prep: Preprocessing = Preprocessing(), cach
     lonely = [] if skip_bad else None
     refs = list_split(data_dir, split, unpaired=lonely)
     lonely = lonely or []
-    cache = Path(cache_dir or default_cache_dir()) / f"{split}-{_cache_key(refs, prep, skip_bad)}"
+    cache = Path(cache_dir or default_cache_dir()) / f"{split}-{_cache_key(refs, prep, skip_bad)}" if use_cache else None
     if use_cache and (cached := _read_cache(cache, len(refs), prep)) is not None:
         cached.skipped = lonely + cached.skipped
         _check_bad_fraction(split, cached.skipped, len(refs) + len(lonely), max_bad_fraction)

@@ -43,7 +43,7 @@ def parse_args(argv=None):
                    help="HipMRI folder (or its parent); default: data/ if it holds the layout, "
                         "else the demo phantom in data/phantom-demo (generated on first use)")
     p.add_argument("-o", "--out", default="runs/demo", help="run folder")
-    p.add_argument("-e", "--epochs", type=int, default=14, help="total epochs (a resumed run continues to this)")
+    p.add_argument("-e", "--epochs", type=int, default=10, help="total epochs (a resumed run continues to this)")
     p.add_argument("-b", "--batch-size", type=int, default=8, help="batch size per replica")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate for one replica")
     p.add_argument("-f", "--base-filters", type=int, default=16, help="filters of the first level (64 = classic U-Net)")
