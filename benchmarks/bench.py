@@ -1,8 +1,9 @@
 """Speed of this project on this machine: loading, training, prediction and scoring, in one run.
 
     python benchmarks/bench.py            # full phantom (12,660 pairs), base 16 and 64 (~15 min on 2 cores)
-    python benchmarks/bench.py --quick    # demo phantom, base 16 only, fewer steps (~3 min)
+    python benchmarks/bench.py --quick    # demo phantom, base 16 only, fewer steps (~3-4 min)
     python benchmarks/bench.py --peers    # also the reference Keras script (/work/shared/reference)
+    python benchmarks/bench.py --dice     # also the demo run under each precision: validation Dice (~40 min)
 
 Prints a markdown table and writes every number, with the machine it ran on, to --out. Timings on a
 shared machine drift: compare the ratios inside one run, and read the load average it reports.
@@ -95,11 +96,10 @@ print(json.dumps({{"pairs": sum(map(len, splits)), "seconds": seconds,
 """
 
 
-def cold_load_in_child(data_dir, libdeflate=True) -> dict:
+def cold_load_in_child(data_dir) -> dict:
     """Load every split without the cache in a fresh process: its time, and its peak resident memory."""
     code = COLD_CHILD.format(root=str(ROOT), data=str(data_dir))
-    env = {**os.environ, "HIPMRI_NO_LIBDEFLATE": "0" if libdeflate else "1"}
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT, env=env)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -120,15 +120,12 @@ def bench_loading(data_dir, cache_dir) -> tuple[dict, dict]:
     read_into_page_cache(refs)
     naive = naive_load(refs)
     cold = cold_load_in_child(data_dir)
-    cold_zlib = cold_load_in_child(data_dir, libdeflate=False)
     warm, splits = warm_load(data_dir, cache_dir)
     n = len(refs)
     res = {"pairs": n, "naive_pairs_per_s": n / naive, "cold_pairs_per_s": n / cold["seconds"],
-           "cold_zlib_pairs_per_s": n / cold_zlib["seconds"], "libdeflate": dataset._Libdeflate.lib() is not None,
            "warm_pairs_per_s": n / warm, "cold_peak_rss_mb": cold["peak_rss_mb"], "cold_array_mb": cold["array_mb"],
            "page_cache": "warm for both (every file read once before timing)"}
     res["cold_vs_naive"] = res["cold_pairs_per_s"] / res["naive_pairs_per_s"]
-    res["cold_zlib_vs_naive"] = res["cold_zlib_pairs_per_s"] / res["naive_pairs_per_s"]
     res["warm_vs_naive"] = res["warm_pairs_per_s"] / res["naive_pairs_per_s"]
     return res, splits
 
@@ -167,7 +164,7 @@ def train_rate(model, feed, warmup: int, steps: int, arrays=None) -> float:
     """Images/s of model.fit on the tf.data pipeline (feed='pipeline') or on in-memory arrays (feed='memory')."""
     clock = StepClock()
     if feed == "pipeline":
-        model.fit(arrays, epochs=1, steps_per_epoch=warmup + steps, callbacks=[clock], verbose=0)
+        model.fit(arrays, epochs=1, steps_per_epoch=warmup + steps, callbacks=[clock], verbose=0, shuffle=False)
     else:
         x, y = arrays
         n = (warmup + steps) * BATCH
@@ -236,6 +233,25 @@ def score_end_to_end(run: Path, data_dir, cache_dir) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- accuracy
+
+def dice_check(work: Path, precisions) -> list:
+    """Best validation Dice of the README's demo run (train.py defaults) under each precision (~20 min each)."""
+    data_dir = work / "phantom-demo"
+    synthetic.generate(data_dir, "demo", seed=42, progress=False)
+    rows = []
+    for precision in precisions:
+        run = work / f"dice-{precision}"
+        shutil.rmtree(run, ignore_errors=True)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "train.py", "-d", str(data_dir), "-o", str(run), "--precision", precision,
+                        "--cache-dir", str(work / "cache-dice"), "-q"], cwd=ROOT, check=True, capture_output=True)
+        state = json.loads((run / "state.json").read_text())
+        rows.append({"precision": precision, "best_val_dice": state["best"], "best_epoch": state["best_epoch"],
+                     "seconds": time.perf_counter() - start})
+    return rows
+
+
 # ----------------------------------------------------------------------------- peers
 
 def run_peer(base: int, precision: str) -> dict:
@@ -256,10 +272,7 @@ def table(res: dict) -> str:
     rows = [("machine", f"{m['cpu']}, {m['cores']} cores, {', '.join(m['cpu_flags'])}; TF {m['tensorflow']}", "")]
     if ld := res.get("loading"):
         rows += [(f"load {ld['pairs']} pairs: naive nibabel loop", f"{ld['naive_pairs_per_s']:.0f} pairs/s", "1.0x"),
-                 ("load: project loader, cold (no cache)", f"{ld['cold_pairs_per_s']:.0f} pairs/s",
-                  f"{ld['cold_vs_naive']:.1f}x" + ("" if ld["libdeflate"] else " (no libdeflate here: zlib)")),
-                 ("load: project loader, cold, zlib only", f"{ld['cold_zlib_pairs_per_s']:.0f} pairs/s",
-                  f"{ld['cold_zlib_vs_naive']:.1f}x (HIPMRI_NO_LIBDEFLATE=1)"),
+                 ("load: project loader, cold (no cache)", f"{ld['cold_pairs_per_s']:.0f} pairs/s", f"{ld['cold_vs_naive']:.1f}x"),
                  ("load: project loader, warm (cache)", f"{ld['warm_pairs_per_s']:.0f} pairs/s", f"{ld['warm_vs_naive']:.0f}x"),
                  ("load: peak memory, cold", f"{ld['cold_peak_rss_mb']:.0f} MiB", f"arrays {ld['cold_array_mb']:.0f} MiB")]
     f32 = {r["base"]: r for r in res.get("training", []) if r["precision"] == "float32"}
@@ -273,6 +286,9 @@ def table(res: dict) -> str:
         s = res["scoring"]
         rows += [(f"score test split ({s['slices']} slices), predict.py, cold cache", f"{s['cold_seconds']:.1f} s", "whole command"),
                  (f"score test split ({s['slices']} slices), predict.py, warm cache", f"{s['warm_seconds']:.1f} s", "whole command")]
+    for d in res.get("dice", []):
+        rows.append((f"demo run ({d['precision']}): best validation Dice", f"{d['best_val_dice']:.4f}",
+                     f"epoch {d['best_epoch']}, {d['seconds'] / 60:.0f} min"))
     for p in res.get("peers", []):
         rows.append((f"peer keras_unet_speed.py {p['base']} {p['precision']}", f"{p['train_img_s']:.1f} img/s",
                      f"predict {p['predict_img_s']:.1f} img/s"))
@@ -288,6 +304,7 @@ def parse_args(argv=None):
     p.add_argument("-o", "--out", default=str(ROOT / "benchmarks" / "results.json"), help="where the numbers go")
     p.add_argument("-w", "--work", default=str(ROOT / "benchmarks" / "work"), help="folder for the phantom, caches and runs")
     p.add_argument("--peers", action="store_true", help="also run the reference Keras script, float32 and bfloat16")
+    p.add_argument("--dice", action="store_true", help="also train the demo run under each precision (~40 min)")
     p.add_argument("--parts", default="load,train,score", help="comma-separated subset of load,train,score")
     return p.parse_args(argv)
 
@@ -320,6 +337,9 @@ def main(argv=None) -> int:
             write_run_folder(run, models[(16, precisions[-1])], 16, data_dir, precisions[-1], splits["train"],
                              splits["validate"])
             res["scoring"] = score_end_to_end(run, data_dir, cache / "score")
+        if args.dice:
+            print("demo runs for the validation Dice of each precision", flush=True)
+            res["dice"] = dice_check(work, precisions)
         if args.peers:
             print("reference peers", flush=True)
             res["peers"] = [run_peer(16, p) for p in precisions]
