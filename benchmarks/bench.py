@@ -17,6 +17,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -154,22 +155,17 @@ class StepClock(keras.callbacks.Callback):
         self.times.append(time.perf_counter())
 
 
-def images_per_s(clock: StepClock, warmup: int) -> float:
-    """Steady-state images/s: the steps after the warm-up ones."""
-    t = clock.times[warmup - 1:]
-    return BATCH * (len(t) - 1) / (t[-1] - t[0])
-
-
-def train_rate(model, feed, warmup: int, steps: int, arrays=None) -> float:
-    """Images/s of model.fit on the tf.data pipeline (feed='pipeline') or on in-memory arrays (feed='memory')."""
+def train_rate(model, feed, steps: int) -> float:
+    """Images/s of one model.fit over steps + 1 batches, timed from the end of the first (feed: dataset or (x, y))."""
     clock = StepClock()
-    if feed == "pipeline":
-        model.fit(arrays, epochs=1, steps_per_epoch=warmup + steps, callbacks=[clock], verbose=0, shuffle=False)
-    else:
-        x, y = arrays
-        n = (warmup + steps) * BATCH
+    if isinstance(feed, tuple):  # in-memory arrays: Keras slices them itself
+        x, y = feed
+        n = (steps + 1) * BATCH
         model.fit(x[:n], y[:n], batch_size=BATCH, epochs=1, shuffle=True, callbacks=[clock], verbose=0)
-    return images_per_s(clock, warmup)
+    else:
+        model.fit(feed, epochs=1, steps_per_epoch=steps + 1, callbacks=[clock], verbose=0, shuffle=False)
+    t = clock.times
+    return BATCH * (len(t) - 1) / (t[-1] - t[0])
 
 
 def predict_rate(model, images) -> float:
@@ -180,25 +176,35 @@ def predict_rate(model, images) -> float:
     return len(images) / (time.perf_counter() - start)
 
 
-def bench_training(train_data, test_data, bases, precisions, warmup, steps) -> tuple[list, dict]:
-    """Per base and precision: training images/s (pipeline with augmentation vs arrays) and prediction images/s."""
+def bench_training(train_data, test_data, bases, precisions, rounds, steps) -> tuple[list, dict]:
+    """Per base and precision: training images/s (pipeline with augmentation vs arrays) and prediction images/s.
+
+    The configurations of a base take turns, `rounds` times, and each reports its median: a machine that
+    slows down for a while slows them all, so the ratios hold even when the absolute numbers drift.
+    """
     pipeline = dataset.make_dataset(train_data, BATCH, shuffle=True, augment=dataset.Augment(), epochs=None)
-    n = (warmup + steps) * BATCH
+    n = (steps + 1) * BATCH
     memory = (np.ascontiguousarray(train_data.images[:n]), dataset.make_target(train_data.masks[:n], None)[..., None])
     test_images = np.ascontiguousarray(test_data.images)
     rows, models = [], {}
     for base in bases:
-        for precision in precisions:
-            model = build_model(base, precision)
-            w, s = (warmup, steps) if base <= 16 else (max(2, warmup // 4), max(4, steps // 8))
-            row = {"base": base, "precision": precision, "batch": BATCH, "steps": s,
-                   "pipeline_img_s": train_rate(model, "pipeline", w, s, pipeline),
-                   "memory_img_s": train_rate(model, "memory", w, s, memory),
+        s, r = (steps, rounds) if base <= 16 else (max(3, steps // 4), max(2, rounds // 2))  # base 64: ~15x slower
+        group = {p: build_model(base, p) for p in precisions}
+        for model in group.values():  # warm-up: trace, allocate, settle
+            train_rate(model, pipeline, 2), train_rate(model, memory, 2)
+        rates = {(p, feed): [] for p in precisions for feed in ("pipeline", "memory")}
+        for _ in range(r):
+            for (p, feed), got in rates.items():
+                got.append(train_rate(group[p], pipeline if feed == "pipeline" else memory, s))
+        for p, model in group.items():
+            row = {"base": base, "precision": p, "batch": BATCH, "steps": s, "rounds": r,
+                   "pipeline_img_s": float(np.median(rates[p, "pipeline"])),
+                   "memory_img_s": float(np.median(rates[p, "memory"])),
                    "predict_img_s": predict_rate(model, test_images if base <= 16 else test_images[:96])}
             row["pipeline_overhead"] = 1 - row["pipeline_img_s"] / row["memory_img_s"]
             rows.append(row)
-            models[(base, precision)] = model
-            print(f"  base {base} {precision}: {row['pipeline_img_s']:.1f} img/s pipeline, "
+            models[(base, p)] = model
+            print(f"  base {base} {p}: {row['pipeline_img_s']:.1f} img/s pipeline, "
                   f"{row['memory_img_s']:.1f} in memory, predict {row['predict_img_s']:.1f}", flush=True)
     keras.mixed_precision.set_global_policy("float32")
     return rows, models
@@ -311,6 +317,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still removes its caches
     parts = set(args.parts.split(","))
     work = Path(args.work)
     preset = "demo" if args.quick else "full"
@@ -328,9 +335,9 @@ def main(argv=None) -> int:
         precisions = list(dict.fromkeys(["float32", train.choose_precision("auto")]))
         if "train" in parts or "score" in parts:
             bases = [16] if args.quick or "train" not in parts else [16, 64]
-            warmup, steps = (5, 20) if args.quick or "train" not in parts else (10, 60)
+            rounds, steps = (2, 10) if args.quick or "train" not in parts else (4, 12)
             print(f"training throughput, batch {BATCH}: bases {bases}, {precisions}", flush=True)
-            res["training"], models = bench_training(splits["train"], splits["test"], bases, precisions, warmup, steps)
+            res["training"], models = bench_training(splits["train"], splits["test"], bases, precisions, rounds, steps)
         if "score" in parts:
             print("scoring the test split with predict.py", flush=True)
             run = work / "run-b16"

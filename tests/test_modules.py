@@ -26,7 +26,8 @@ def test_unet_architecture(classes, activation):
     out = model.get_layer("mask")
     assert out.kernel_size == (1, 1) and out.activation.__name__ == activation
     enc = [layer for layer in model.layers if layer.name.startswith("enc1_")]
-    assert [type(layer).__name__ for layer in enc] == ["Conv2D", "Conv2D", "BatchNormalization", "MaxPooling2D"]
+    assert [type(layer).__name__ for layer in enc] == ["Conv2D", "Conv2D", "FusedBatchNormalization", "MaxPooling2D"]
+    assert _count(model, layers.BatchNormalization) == 9  # a subclass: same weights and options
     assert all(layer.activation.__name__ == "relu" for layer in enc[:2])
 
 
@@ -102,6 +103,59 @@ def test_losses_are_low_for_perfect_and_high_for_wrong():
         assert np.all(good < 0.05) and np.all(bad > good + 0.3)
     binary = (labels == 5).astype(np.float32)
     assert np.all(modules.dice_ce_loss(binary, binary * 0.99 + 0.005).numpy() < 0.05)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_fused_batch_norm_matches_keras(policy):
+    """Outputs, gradients, moving statistics and inference of the fused layer equal Keras' own."""
+    import tensorflow as tf
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        x = tf.constant(np.random.default_rng(0).normal(2, 3, (4, 16, 8, 5)).astype(np.float32))
+        r = tf.constant(np.random.default_rng(1).normal(size=(4, 16, 8, 5)).astype(np.float32))
+        ref, fused = layers.BatchNormalization(momentum=0.9), modules.FusedBatchNormalization(momentum=0.9)
+        weights = [np.full(5, 1.5, np.float32), np.full(5, 0.2, np.float32), np.full(5, 0.5, np.float32),
+                   np.full(5, 2.0, np.float32)]
+        grads, outs = [], []
+        for layer in (ref, fused):
+            layer.build(x.shape)
+            layer.set_weights(weights)
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(tf.cast(y, tf.float32) * r)
+            grads.append([g.numpy() for g in tape.gradient(loss, [x, *layer.trainable_weights])])
+            outs.append((y.dtype, tf.cast(y, tf.float32).numpy(), layer(x, training=False).numpy().astype(np.float32)))
+        assert outs[0][0] == outs[1][0] == ("bfloat16" if policy == "mixed_bfloat16" else "float32")
+        tol = 1e-4 if policy == "float32" else 2e-2  # bfloat16 keeps 8 bits of mantissa
+        np.testing.assert_allclose(outs[1][1], outs[0][1], atol=tol * 10)
+        np.testing.assert_allclose(outs[1][2], outs[0][2], atol=tol * 10)
+        for g_fused, g_ref in zip(grads[1], grads[0]):
+            np.testing.assert_allclose(g_fused, g_ref, rtol=tol, atol=tol * np.abs(g_ref).max())
+        for w_fused, w_ref in zip(fused.get_weights()[2:], ref.get_weights()[2:]):  # moving mean and variance
+            np.testing.assert_allclose(w_fused, w_ref, rtol=1e-5)
+        assert not np.allclose(ref.get_weights()[2], weights[2])  # the update really happened
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_fused_batch_norm_falls_back_where_the_kernel_does_not_apply():
+    layer = modules.FusedBatchNormalization()
+    x = np.random.default_rng(0).random((2, 1, 1, 3)).astype(np.float32)  # one value per channel and image
+    assert not layer._fused(keras.ops.convert_to_tensor(x), None)
+    assert layer(x, training=True).shape == x.shape
+    assert not modules.FusedBatchNormalization(synchronized=True)._fused(keras.ops.zeros((2, 4, 4, 3)), None)
+    assert modules.FusedBatchNormalization()._fused(keras.ops.zeros((2, 4, 4, 3)), None)
+
+
+def test_cross_entropy_matches_keras():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 6, (3, 8, 4, 1))
+    probs = keras.ops.softmax(rng.normal(size=(3, 8, 4, 6)).astype(np.float32)).numpy()
+    keras_ce = keras.losses.sparse_categorical_crossentropy(labels, probs).numpy().mean(axis=(1, 2))
+    np.testing.assert_allclose(modules.cross_entropy(labels, probs).numpy(), keras_ce, rtol=1e-5)
+    np.testing.assert_allclose(modules.dice_ce_loss(labels, probs).numpy(),
+                               modules.dice_loss(labels, probs).numpy() + keras_ce, rtol=1e-5)
 
 
 def test_dice_loss_hand_value():
