@@ -11,6 +11,7 @@ shared machine drift: compare the ratios inside one run, and read the load avera
 from __future__ import annotations
 
 import argparse
+import gc
 import datetime
 import json
 import os
@@ -164,6 +165,7 @@ def train_rate(model, feed, steps: int) -> float:
         model.fit(x[:n], y[:n], batch_size=BATCH, epochs=1, shuffle=True, callbacks=[clock], verbose=0)
     else:
         model.fit(feed, epochs=1, steps_per_epoch=steps + 1, callbacks=[clock], verbose=0, shuffle=False)
+    gc.collect()  # free this fit's tf.data iterator now, so its prefetching cannot run into the next measurement
     t = clock.times
     return BATCH * (len(t) - 1) / (t[-1] - t[0])
 

@@ -1,5 +1,6 @@
 """dataset.py: discovery, pairing, reading, checks, normalisation, resizing, cache, tf.data pipeline."""
 import gzip
+import io
 import os
 import random
 
@@ -26,6 +27,41 @@ def test_read_slice_dtypes_including_big_endian(tmp_path, dtype):
     a = (np.arange(64 * 32).reshape(64, 32) % 200).astype(dtype)
     out = dataset.read_slice(write_nifti(tmp_path / "x.nii.gz", a))
     np.testing.assert_array_equal(out, a.astype(np.float32))
+
+
+def test_read_slice_matches_nibabel_on_scaled_nifti1_and_nifti2(tmp_path):
+    """read_slice takes the voxels straight from the bytes: scaling, byte order and NIfTI-2 as nibabel reads them."""
+    import nibabel as nib
+    a = (np.arange(40 * 24).reshape(40, 24) % 300 - 150).astype(np.int16)
+    scaled = nib.Nifti1Image(a, np.eye(4))
+    scaled.header.set_slope_inter(2.5, -3.0)
+    images = {"scaled.nii.gz": scaled, "scaled_be.nii": nib.Nifti1Image(a.astype(">i2"), np.eye(4)),
+              "v2.nii.gz": nib.Nifti2Image(a.astype(np.float64), np.eye(4))}
+    images["scaled_be.nii"].header.set_slope_inter(0.5, 10.0)
+    for name, img in images.items():
+        nib.save(img, tmp_path / name)
+        expected = nib.load(tmp_path / name).get_fdata().astype(np.float32)
+        got = dataset.read_slice(tmp_path / name)
+        np.testing.assert_array_equal(got, expected)
+        assert got.flags.writeable
+    assert not np.array_equal(dataset.read_slice(tmp_path / "scaled.nii.gz"), a)  # the scaling was applied
+
+
+def test_read_slice_refuses_headers_it_cannot_read(tmp_path):
+    import nibabel as nib
+    good = write_nifti(tmp_path / "good.nii", np.ones((64, 32), np.float32)).read_bytes()
+    pair = bytearray(good)
+    pair[344:348] = b"ni1\x00"  # header of a .hdr/.img pair: the voxels are in another file
+    (tmp_path / "pair.nii").write_bytes(bytes(pair))
+    (tmp_path / "short.nii").write_bytes(good[:-100])  # a complete header but missing voxels
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(good))
+    header["datatype"] = 2304  # RGBA: not a plain number per voxel
+    (tmp_path / "rgba.nii").write_bytes(header.binaryblock + good[348:])
+    for name, msg in (("pair.nii", r"magic b'ni1', expected b'n\+1'"), ("short.nii", r"truncated: 8444 bytes, but the header describes 2048 voxels of float32 from byte 352 \(8544 bytes\)"),
+                      ("rgba.nii", "is not a plain numeric type")):
+        with pytest.raises(DataError, match=msg) as e:
+            dataset.read_slice(tmp_path / name)
+        assert name in str(e.value) and "not a readable NIfTI file" in str(e.value)
 
 
 @pytest.mark.parametrize("shape", [(256, 128, 3), (256, 128, 1, 2)])
@@ -280,6 +316,19 @@ def test_augmentation_moves_image_and_mask_together():
         assert agree > 0.97, agree  # only bilinear border pixels may differ
         moved += [not any(np.array_equal(m, o) for o in data.masks) for m in y]
     assert sum(moved) > len(moved) / 2  # the geometry really changed most samples
+
+
+def test_augmented_batches_keep_their_static_shape():
+    """The warp loses static shapes; without them Keras traces the model for any size (and the fused
+    batch norm falls back to the slow path)."""
+    import modules
+    data = _tiny_split(n=8)
+    ds = dataset.make_dataset(data, 4, shuffle=True, augment=dataset.Augment(), epochs=None)
+    rows, cols = data.images.shape[1:3]
+    assert [tuple(spec.shape[1:]) for spec in ds.element_spec] == [(rows, cols, 1)] * 2
+    bn = modules.FusedBatchNormalization()
+    x, _ = next(iter(ds))
+    assert bn._fused(modules.layers.Conv2D(2, 3, padding="same")(x), None)
 
 
 def test_info_command(tiny_data, capsys):
