@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -49,6 +50,27 @@ def test_loss_decreases_and_binary_target(tiny_data, tmp_path):
     assert model.output_shape == (None, 256, 128, 1)
     assert model.get_layer("mask").activation.__name__ == "sigmoid"
     assert "val_dice_bladder" in rows[0]
+
+
+def test_gpu_settings_mixed_float16_and_xla_run_on_the_cpu(tiny_data, tmp_path):
+    """What auto picks on a GPU (mixed float16, XLA, the fused batch norm, a float32 output) is the same code
+    as here; this runs it on the CPU, where XLA is slow but works, so the GPU path is not untested code."""
+    out = tmp_path / "gpu-settings"
+    args = ["-d", str(tiny_data), "-o", str(out), "-f", "4", "--size", "64x32", "--precision", "mixed_float16",
+            "--jit", "on", "-q"]
+    assert train.main(args + ["-e", "1"]) == 0
+    with warnings.catch_warnings(record=True) as caught:  # the loss-scale optimizer's state comes back whole
+        warnings.simplefilter("always")
+        assert train.main(args + ["-e", "2", "--resume"]) == 0
+    assert not [w for w in caught if "Skipping variable loading" in str(w.message)]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["precision"] == "mixed_float16" and cfg["jit"] == "on"
+    model = keras.models.load_model(out / "model.keras", compile=False)
+    assert model.get_layer("enc1_bn").compute_dtype == "float16"
+    assert model.get_layer("mask").compute_dtype == "float32"
+    rows = _history(out)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert all(np.isfinite(float(r[k])) for r in rows for k in ("loss", "val_loss"))
 
 
 def test_resume_continues_at_the_next_epoch(tiny_data, tmp_path, capsys):
