@@ -25,10 +25,9 @@ class FusedBatchNormalization(layers.BatchNormalization):
     """Keras' BatchNormalization (same weights, options and moving-average update) run by TensorFlow's fused
     kernel, FusedBatchNormV3, which Keras 3 no longer uses.
 
-    Keras 3 builds batch norm from separate float32 ops. On the 2-core CPU this project was measured on, a
-    training step of the 256x128x16 layer under mixed bfloat16 took 22 ms that way and 4 ms fused; over the
-    U-Net's 9 layers that was a quarter of the training time. The fused kernel is cuDNN's on a GPU (where
-    Keras 2 used it by default) and computes the statistics in float32 for float16/bfloat16 inputs.
+    Keras 3 builds batch norm from separate float32 ops, several times slower on the CPU
+    (`python benchmarks/batchnorm.py` times one layer both ways). The fused kernel is cuDNN's on a GPU
+    (where Keras 2 used it by default) and computes the statistics in float32 for float16/bfloat16 inputs.
     Anything it does not cover (synchronized statistics, masks, renorm, another axis, other backends,
     a single value per channel) goes to Keras' own code.
     """

@@ -1,9 +1,9 @@
 """Speed of this project on this machine: loading, training, prediction and scoring, in one run.
 
     python benchmarks/bench.py            # full phantom (12,660 pairs), base 16 and 64 (~15 min on 2 cores)
-    python benchmarks/bench.py --quick    # demo phantom, base 16 only, fewer steps (~3-4 min)
+    python benchmarks/bench.py --quick    # demo phantom, base 16 only, fewer steps (~2 min)
     python benchmarks/bench.py --peers    # also the reference Keras script (/work/shared/reference)
-    python benchmarks/bench.py --dice     # also the demo run under each precision: validation Dice (~40 min)
+    python benchmarks/bench.py --dice     # also the demo run under each precision: validation Dice (~20 min)
 
 Prints a markdown table and writes every number, with the machine it ran on, to --out. Timings on a
 shared machine drift: compare the ratios inside one run, and read the load average it reports.
@@ -11,8 +11,8 @@ shared machine drift: compare the ratios inside one run, and read the load avera
 from __future__ import annotations
 
 import argparse
-import gc
 import datetime
+import gc
 import json
 import os
 import platform
@@ -244,7 +244,10 @@ def score_end_to_end(run: Path, data_dir, cache_dir) -> dict:
 # ----------------------------------------------------------------------------- accuracy
 
 def dice_check(work: Path, precisions) -> list:
-    """Best validation Dice of the README's demo run (train.py defaults) under each precision (~20 min each)."""
+    """Best validation Dice of the README's demo run (train.py defaults) under each precision.
+
+    About 7 min in bfloat16 and 12 min in float32 on the 2-core development CPU.
+    """
     data_dir = work / "phantom-demo"
     synthetic.generate(data_dir, "demo", seed=42, progress=False)
     rows = []
@@ -308,11 +311,11 @@ def table(res: dict) -> str:
 def parse_args(argv=None):
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("-q", "--quick", action="store_true", help="demo phantom, base 16 only, fewer steps (~3 min)")
+    p.add_argument("-q", "--quick", action="store_true", help="demo phantom, base 16 only, fewer steps (~2 min)")
     p.add_argument("-o", "--out", default=str(ROOT / "benchmarks" / "results.json"), help="where the numbers go")
     p.add_argument("-w", "--work", default=str(ROOT / "benchmarks" / "work"), help="folder for the phantom, caches and runs")
     p.add_argument("--peers", action="store_true", help="also run the reference Keras script, float32 and bfloat16")
-    p.add_argument("--dice", action="store_true", help="also train the demo run under each precision (~40 min)")
+    p.add_argument("--dice", action="store_true", help="also train the demo run under each precision (~20 min)")
     p.add_argument("--parts", default="load,train,score", help="comma-separated subset of load,train,score")
     return p.parse_args(argv)
 
