@@ -3,10 +3,12 @@ import gzip
 import io
 import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import make_layout, write_nifti
+from conftest import ROOT, make_layout, write_nifti
 
 import dataset
 from dataset import DataError, Preprocessing
@@ -238,28 +240,82 @@ def test_cache_hit_invalidation_and_corruption(tmp_path, monkeypatch):
     np.testing.assert_array_equal(rebuilt.masks, changed.masks)
 
 
-def test_bad_pairs_listed_and_skip_bad(tmp_path):
-    root = make_layout(tmp_path, pairs=[(1, 0, s) for s in range(10)], splits=("train",))
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_bad_pairs_listed_and_skip_bad(tmp_path, processes):
+    root = make_layout(tmp_path / "d", pairs=[(1, 0, s) for s in range(10)], splits=("train",))
     (root / "keras_slices_train" / "case_001_week_0_slice_3.nii.gz").write_bytes(b"")
     write_nifti(root / "keras_slices_seg_train" / "seg_001_week_0_slice_5.nii.gz", np.zeros((256, 144)))
     with pytest.raises(DataError) as e:
-        dataset.load_split(root, "train", use_cache=False, progress=False)
+        dataset.load_split(root, "train", use_cache=False, progress=False, processes=processes)
     assert "2 of 10 pair(s) cannot be used" in str(e.value)
     assert "slice_3.nii.gz: the file is empty" in str(e.value)
     assert "image shape (256, 128) but its mask" in str(e.value) and "(256, 144)" in str(e.value)
     with pytest.raises(DataError, match="more than the allowed 5%"):
         dataset.load_split(root, "train", use_cache=False, progress=False, skip_bad=True)
     with pytest.warns(UserWarning, match="skipping"):
-        data = dataset.load_split(root, "train", use_cache=False, progress=False, skip_bad=True, max_bad_fraction=0.3)
+        data = dataset.load_split(root, "train", cache_dir=tmp_path / "cache", progress=False, skip_bad=True,
+                                  max_bad_fraction=0.3, processes=processes)
     assert len(data) == 8 and len(data.skipped) == 2
     assert [r.slice for r in data.refs] == [0, 1, 2, 4, 6, 7, 8, 9]
+    assert data.images.shape[0] == data.masks.shape[0] == data.label_counts.shape[0] == 8
+    with pytest.warns(UserWarning, match="skipping"):  # from the cache, which kept the 8 rows and the 2 errors
+        again = dataset.load_split(root, "train", cache_dir=tmp_path / "cache", progress=False, skip_bad=True,
+                                   max_bad_fraction=0.3, processes=processes)
+    np.testing.assert_array_equal(again.images, data.images)
+    assert again.skipped == data.skipped
+    assert not [p for p in (tmp_path / "cache").rglob(".*")], "temporary array files left in the cache"
 
 
-def test_parallel_and_serial_loading_agree(tiny_data, tmp_path):
+def test_serial_threads_and_processes_agree(tiny_data, tmp_path):
     a = dataset.load_split(tiny_data, "validate", use_cache=False, progress=False, workers=1)
     b = dataset.load_split(tiny_data, "validate", use_cache=False, progress=False, workers=2)
-    np.testing.assert_array_equal(a.images, b.images)
-    np.testing.assert_array_equal(a.masks, b.masks)
+    c = dataset.load_split(tiny_data, "validate", use_cache=False, progress=False, workers=2, processes=True)
+    cache = tmp_path / "cache"
+    d = dataset.load_split(tiny_data, "validate", cache_dir=cache, progress=False, workers=2, processes=True)
+    e = dataset.load_split(tiny_data, "validate", cache_dir=cache, progress=False, workers=1)  # from the cache
+    for other in (b, c, d, e):
+        np.testing.assert_array_equal(other.images, a.images)
+        np.testing.assert_array_equal(other.masks, a.masks)
+        np.testing.assert_array_equal(other.label_counts, a.label_counts)
+        assert other.orig_shapes == a.orig_shapes and other.refs == a.refs
+    # The workers wrote the cache's files in place; what load_split hands out is a copy-on-write map of them.
+    folder, = cache.iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["images.npy", "label_counts.npy", "masks.npy", "meta.json"]
+    d.images[0] = 7
+    assert not np.any(np.load(folder / "images.npy")[0] == 7)
+
+
+def test_loader_processes_do_not_rerun_the_callers_script(tiny_data, tmp_path):
+    # A script with no __main__ guard, as users write them: spawn-style workers would run it again (and again,
+    # from inside each worker) and import whatever it imports, TensorFlow included. Loky's workers must not.
+    marker = tmp_path / "imports.txt"
+    script = tmp_path / "user_script.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+with open({str(marker)!r}, "a") as f:
+    f.write("imported\\n")
+import dataset
+data = dataset.load_split({str(tiny_data)!r}, "validate", use_cache=False, progress=False, workers=2, processes=True)
+print(len(data), float(data.images.sum()))
+""")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert marker.read_text() == "imported\n"
+    expected = dataset.load_split(tiny_data, "validate", use_cache=False, progress=False, workers=1)
+    n, total = out.stdout.split()
+    assert int(n) == len(expected) and float(total) == pytest.approx(float(expected.images.sum()), rel=1e-6)
+
+
+def test_loader_falls_back_to_threads_when_the_array_files_cannot_be_made(tiny_data, tmp_path, monkeypatch):
+    def no_space(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dataset, "_array_files", no_space)
+    with pytest.warns(UserWarning, match="No space left on device.*loading with threads"):
+        data = dataset.load_split(tiny_data, "validate", cache_dir=tmp_path, progress=False, workers=2, processes=True)
+    expected = dataset.load_split(tiny_data, "validate", use_cache=False, progress=False, workers=1)
+    np.testing.assert_array_equal(data.images, expected.images)
 
 
 # ----------------------------------------------------------------------------- targets and tf.data
