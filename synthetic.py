@@ -32,12 +32,12 @@ import argparse
 import gzip
 import json
 import math
-import multiprocessing
 import os
 import sys
 from pathlib import Path
 
 import cv2
+import joblib
 import nibabel as nib
 import numpy as np
 from tqdm import tqdm
@@ -406,11 +406,12 @@ def generate(out_dir, preset: str = "demo", seed: int = 42, workers: int | None 
         for job in jobs:
             bar.update(write_volume(job))
     else:
-        # fork is quick, but forking a process that runs TensorFlow's threads can deadlock.
-        method = "spawn" if "tensorflow" in sys.modules else "fork"
-        with multiprocessing.get_context(method).Pool(workers) as pool:
-            for n in pool.imap_unordered(write_volume, jobs):
-                bar.update(n)
+        # joblib's loky workers are fresh interpreters (no fork of TensorFlow's threads) that import only this
+        # module: multiprocessing's spawn would run the caller's script again in each, and fail for a script
+        # read from stdin.
+        parallel = joblib.Parallel(n_jobs=workers, backend="loky", return_as="generator_unordered")
+        for n in parallel(joblib.delayed(write_volume)(job) for job in jobs):
+            bar.update(n)
     bar.close()
     info = {"preset": preset, "seed": seed, "version": VERSION, "counts": counts,
             "slices_per_volume": PRESETS[preset]["slices"], "labels": list(LABELS)}

@@ -1,6 +1,7 @@
 """Tests of the synthetic HipMRI phantom: layout, determinism, arrays and anatomy of the tiny preset."""
 import json
 import re
+import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -90,6 +91,20 @@ def test_same_seed_gives_identical_bytes_with_any_worker_count(tiny, tmp_path):
     first = sorted(p.relative_to(out) for p in out.rglob("*.nii.gz"))
     assert first == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.nii.gz"))
     for rel in first:
+        assert (out / rel).read_bytes() == (tmp_path / rel).read_bytes(), rel
+
+
+def test_generate_with_workers_from_a_script_on_stdin_after_tensorflow(tiny, tmp_path):
+    # multiprocessing's spawn (the safe choice once TensorFlow runs threads) re-runs the caller's script in
+    # each worker; for a script read from stdin there is no file, and the pool restarted failing workers forever.
+    out, _ = tiny
+    root = Path(__file__).resolve().parents[1]
+    code = (f"import sys; sys.path.insert(0, {str(root)!r})\nimport tensorflow\nimport synthetic\n"
+            f"print(synthetic.generate({str(tmp_path)!r}, 'tiny', seed=42, workers=2, progress=False))\n")
+    done = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / synthetic.MARKER).exists()
+    for rel in sorted(p.relative_to(out) for p in out.rglob("*.nii.gz")):
         assert (out / rel).read_bytes() == (tmp_path / rel).read_bytes(), rel
 
 
