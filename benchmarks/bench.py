@@ -122,17 +122,29 @@ def warm_load(data_dir, cache_dir) -> tuple[float, dict]:
     return time.perf_counter() - start, splits
 
 
-def bench_loading(data_dir, cache_dir) -> tuple[dict, dict]:
-    """Naive loop vs the project's loader, cold and warm, in pairs/s; peak memory of the cold load."""
+def bench_loading(data_dir, cache_dir, rounds: int = 3) -> tuple[dict, dict]:
+    """Naive loop vs the project's loader, cold and warm, in pairs/s; peak memory of the cold load.
+
+    Naive and cold loads take turns, `rounds` times, and each reports its median: this VM's speed (and the
+    cost of first touching fresh memory in it) drifts from one moment to the next.
+    """
     refs = all_refs(data_dir)
     read_into_page_cache(refs)
-    naive = naive_load(refs)
-    cold = cold_load_in_child(data_dir)
-    warm, splits = warm_load(data_dir, cache_dir)
     n = len(refs)
-    res = {"pairs": n, "naive_pairs_per_s": n / naive, "cold_pairs_per_s": n / cold["seconds"],
-           "warm_pairs_per_s": n / warm, "cold_peak_rss_mb": cold["peak_rss_mb"], "cold_array_mb": cold["array_mb"],
-           "cold_worker_peak_rss_mb": cold["worker_peak_rss_mb"],
+    naive, cold = [], []
+    for _ in range(rounds):
+        naive.append(n / naive_load(refs))
+        cold.append(cold_load_in_child(data_dir))
+    warm = []
+    for _ in range(rounds):
+        seconds, splits = warm_load(data_dir, cache_dir)
+        warm.append(n / seconds)
+    med = lambda xs: float(np.median(xs))  # noqa: E731
+    res = {"pairs": n, "rounds": rounds, "naive_pairs_per_s": med(naive),
+           "cold_pairs_per_s": med([n / c["seconds"] for c in cold]), "warm_pairs_per_s": med(warm),
+           "naive_rounds": naive, "cold_rounds": [n / c["seconds"] for c in cold], "warm_rounds": warm,
+           "cold_peak_rss_mb": max(c["peak_rss_mb"] for c in cold), "cold_array_mb": cold[0]["array_mb"],
+           "cold_worker_peak_rss_mb": max(c["worker_peak_rss_mb"] for c in cold),
            "page_cache": "warm for both (every file read once before timing)"}
     res["cold_vs_naive"] = res["cold_pairs_per_s"] / res["naive_pairs_per_s"]
     res["warm_vs_naive"] = res["warm_pairs_per_s"] / res["naive_pairs_per_s"]
@@ -289,9 +301,13 @@ def table(res: dict) -> str:
     m = res["machine"]
     rows = [("machine", f"{m['cpu']}, {m['cores']} cores, {', '.join(m['cpu_flags'])}; TF {m['tensorflow']}", "")]
     if ld := res.get("loading"):
-        rows += [(f"load {ld['pairs']} pairs: naive nibabel loop", f"{ld['naive_pairs_per_s']:.0f} pairs/s", "1.0x"),
-                 ("load: project loader, cold (no cache)", f"{ld['cold_pairs_per_s']:.0f} pairs/s", f"{ld['cold_vs_naive']:.1f}x"),
-                 ("load: project loader, warm (cache)", f"{ld['warm_pairs_per_s']:.0f} pairs/s", f"{ld['warm_vs_naive']:.0f}x"),
+        each = lambda k: "rounds: " + ", ".join(f"{v:.0f}" for v in ld.get(k, []))  # noqa: E731
+        rows += [(f"load {ld['pairs']} pairs: naive nibabel loop (median)", f"{ld['naive_pairs_per_s']:.0f} pairs/s",
+                  f"1.0x; {each('naive_rounds')}"),
+                 ("load: project loader, cold (no cache)", f"{ld['cold_pairs_per_s']:.0f} pairs/s",
+                  f"{ld['cold_vs_naive']:.1f}x; {each('cold_rounds')}"),
+                 ("load: project loader, warm (cache)", f"{ld['warm_pairs_per_s']:.0f} pairs/s",
+                  f"{ld['warm_vs_naive']:.0f}x; {each('warm_rounds')}"),
                  ("load: peak memory, cold", f"{ld['cold_peak_rss_mb']:.0f} MiB",
                   f"arrays {ld['cold_array_mb']:.0f} MiB; each loader process {ld['cold_worker_peak_rss_mb']:.0f} MiB")]
     f32 = {r["base"]: r for r in res.get("training", []) if r["precision"] == "float32"}
