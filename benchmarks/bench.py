@@ -1,6 +1,6 @@
 """Speed of this project on this machine: loading, training, prediction and scoring, in one run.
 
-    python benchmarks/bench.py            # full phantom (12,660 pairs), base 16 and 64 (~15 min on 2 cores)
+    python benchmarks/bench.py            # full phantom (12,660 pairs), base 16 and 64 (~12 min on 2 cores)
     python benchmarks/bench.py --quick    # demo phantom, base 16 only, fewer steps (~2 min)
     python benchmarks/bench.py --peers    # also the reference Keras script (/work/shared/reference)
     python benchmarks/bench.py --dice     # also the demo run under each precision: validation Dice (~20 min)
