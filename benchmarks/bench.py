@@ -97,6 +97,7 @@ for d in splits:  # touch every page, as training does, so the arrays count in t
     float(d.images.reshape(-1)[::1024].sum()) + float(d.masks.reshape(-1)[::4096].sum())
 get_reusable_executor().shutdown(wait=True)  # reap the loader's worker processes, to read their peak
 print(json.dumps({{"pairs": sum(map(len, splits)), "seconds": seconds,
+                  "process_splits": [s for s, d in zip(dataset.SPLITS, splits) if len(d) >= dataset.PROCESS_MIN_PAIRS],
                   "array_mb": sum(d.images.nbytes + d.masks.nbytes for d in splits) / 2**20,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}}))
@@ -145,6 +146,7 @@ def bench_loading(data_dir, cache_dir, rounds: int = 3) -> tuple[dict, dict]:
            "naive_rounds": naive, "cold_rounds": [n / c["seconds"] for c in cold], "warm_rounds": warm,
            "cold_peak_rss_mb": max(c["peak_rss_mb"] for c in cold), "cold_array_mb": cold[0]["array_mb"],
            "cold_worker_peak_rss_mb": max(c["worker_peak_rss_mb"] for c in cold),
+           "cold_process_splits": cold[0]["process_splits"],  # decoded by loader processes; the others by threads
            "page_cache": "warm for both (every file read once before timing)"}
     res["cold_vs_naive"] = res["cold_pairs_per_s"] / res["naive_pairs_per_s"]
     res["warm_vs_naive"] = res["warm_pairs_per_s"] / res["naive_pairs_per_s"]
@@ -302,14 +304,18 @@ def table(res: dict) -> str:
     rows = [("machine", f"{m['cpu']}, {m['cores']} cores, {', '.join(m['cpu_flags'])}; TF {m['tensorflow']}", "")]
     if ld := res.get("loading"):
         each = lambda k: "rounds: " + ", ".join(f"{v:.0f}" for v in ld.get(k, []))  # noqa: E731
+        procs = ld.get("cold_process_splits", [])
+        how = (f"loader processes for {', '.join(procs)}, threads for the rest" if procs else
+               f"threads only: every split is under {dataset.PROCESS_MIN_PAIRS} pairs")
+        workers_mem = (f"each loader process {ld['cold_worker_peak_rss_mb']:.0f} MiB" if procs else "no loader processes")
         rows += [(f"load {ld['pairs']} pairs: naive nibabel loop (median)", f"{ld['naive_pairs_per_s']:.0f} pairs/s",
                   f"1.0x; {each('naive_rounds')}"),
                  ("load: project loader, cold (no cache)", f"{ld['cold_pairs_per_s']:.0f} pairs/s",
-                  f"{ld['cold_vs_naive']:.1f}x; {each('cold_rounds')}"),
+                  f"{ld['cold_vs_naive']:.1f}x; {each('cold_rounds')}; {how}"),
                  ("load: project loader, warm (cache)", f"{ld['warm_pairs_per_s']:.0f} pairs/s",
                   f"{ld['warm_vs_naive']:.0f}x; {each('warm_rounds')}"),
                  ("load: peak memory, cold", f"{ld['cold_peak_rss_mb']:.0f} MiB",
-                  f"arrays {ld['cold_array_mb']:.0f} MiB; each loader process {ld['cold_worker_peak_rss_mb']:.0f} MiB")]
+                  f"arrays {ld['cold_array_mb']:.0f} MiB; {workers_mem}")]
     f32 = {r["base"]: r for r in res.get("training", []) if r["precision"] == "float32"}
     for r in res.get("training", []):
         ratio = f"{r['pipeline_img_s'] / f32[r['base']]['pipeline_img_s']:.2f}x float32" if r["base"] in f32 else ""
