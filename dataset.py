@@ -442,6 +442,24 @@ def _array_files(folder: Path, n: int, prep: Preprocessing, claim: bool = True) 
     return paths
 
 
+def _worker_files(split: str, cache: Path | None, n: int, prep: Preprocessing):
+    """Array files for loader processes -> (paths, scratch folder to remove or None); (None, None) with a warning
+    when they cannot be made (load_split then uses threads). In the cache folder, else in a scratch folder."""
+    scratch, folder = None, cache or Path(_scratch_dir(n, prep) or tempfile.gettempdir())
+    try:
+        if cache is None:
+            scratch = tempfile.TemporaryDirectory(prefix="hipmri-load-", dir=folder)
+            folder = Path(scratch.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        # Shared memory was checked for room, and reserving it would zero every page in this one process.
+        return _array_files(folder, n, prep, claim=not (scratch and str(folder).startswith("/dev/shm"))), scratch
+    except OSError as e:
+        if scratch:
+            scratch.cleanup()
+        warnings.warn(f"cannot create the arrays of split {split!r} in {folder} ({e}); loading with threads")
+        return None, None
+
+
 def _scratch_dir(n: int, prep: Preprocessing):
     """Where an uncached split's array files go: shared memory when it has room, else the temporary folder."""
     need = 2 * n * math.prod(prep.size) * 5  # images float32 + masks uint8, with room to spare
@@ -485,18 +503,7 @@ def load_split(data_dir, split: str, prep: Preprocessing = Preprocessing(), cach
     workers = max(1, workers or os.cpu_count() or 1)
     if processes is None:
         processes = workers > 1 and n >= PROCESS_MIN_PAIRS
-    scratch, files = None, None
-    if processes and n:
-        folder = cache if use_cache else Path(_scratch_dir(n, prep) or tempfile.gettempdir())
-        try:
-            if not use_cache:
-                scratch = tempfile.TemporaryDirectory(prefix="hipmri-load-", dir=folder)
-                folder = Path(scratch.name)
-            folder.mkdir(parents=True, exist_ok=True)
-            # Shared memory was checked for room, and reserving it would zero every page in this one process.
-            files = _array_files(folder, n, prep, claim=not (scratch and str(folder).startswith("/dev/shm")))
-        except OSError as e:
-            warnings.warn(f"cannot create the arrays of split {split!r} in {folder} ({e}); loading with threads")
+    files, scratch = _worker_files(split, cache, n, prep) if processes and n else (None, None)
     try:
         if files:
             images, masks = (np.load(files[k], mmap_mode="r+").view(np.ndarray) for k in ("images", "masks"))

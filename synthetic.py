@@ -402,16 +402,12 @@ def generate(out_dir, preset: str = "demo", seed: int = 42, workers: int | None 
     jobs = [(str(out), seed, v) for v in volumes]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     bar = tqdm(total=sum(counts.values()), desc=f"phantom {preset}", unit="pair", disable=not progress)
-    if workers == 1:
-        for job in jobs:
-            bar.update(write_volume(job))
-    else:
-        # joblib's loky workers are fresh interpreters (no fork of TensorFlow's threads) that import only this
-        # module: multiprocessing's spawn would run the caller's script again in each, and fail for a script
-        # read from stdin.
-        parallel = joblib.Parallel(n_jobs=workers, backend="loky", return_as="generator_unordered")
-        for n in parallel(joblib.delayed(write_volume)(job) for job in jobs):
-            bar.update(n)
+    # joblib's loky workers are fresh interpreters (no fork of TensorFlow's threads) that import only this
+    # module: multiprocessing's spawn would run the caller's script again in each, and fail for a script read
+    # from stdin. With one worker joblib runs the jobs in this process.
+    parallel = joblib.Parallel(n_jobs=workers, backend="loky", return_as="generator_unordered")
+    for n in parallel(joblib.delayed(write_volume)(job) for job in jobs):
+        bar.update(n)
     bar.close()
     info = {"preset": preset, "seed": seed, "version": VERSION, "counts": counts,
             "slices_per_volume": PRESETS[preset]["slices"], "labels": list(LABELS)}

@@ -140,10 +140,10 @@ def bench_loading(data_dir, cache_dir, rounds: int = 3) -> tuple[dict, dict]:
     for _ in range(rounds):
         seconds, splits = warm_load(data_dir, cache_dir)
         warm.append(n / seconds)
-    med = lambda xs: float(np.median(xs))  # noqa: E731
-    res = {"pairs": n, "rounds": rounds, "naive_pairs_per_s": med(naive),
-           "cold_pairs_per_s": med([n / c["seconds"] for c in cold]), "warm_pairs_per_s": med(warm),
-           "naive_rounds": naive, "cold_rounds": [n / c["seconds"] for c in cold], "warm_rounds": warm,
+    cold_rates = [n / c["seconds"] for c in cold]
+    res = {"pairs": n, "rounds": rounds, "naive_pairs_per_s": float(np.median(naive)),
+           "cold_pairs_per_s": float(np.median(cold_rates)), "warm_pairs_per_s": float(np.median(warm)),
+           "naive_rounds": naive, "cold_rounds": cold_rates, "warm_rounds": warm,
            "cold_peak_rss_mb": max(c["peak_rss_mb"] for c in cold), "cold_array_mb": cold[0]["array_mb"],
            "cold_worker_peak_rss_mb": max(c["worker_peak_rss_mb"] for c in cold),
            "cold_process_splits": cold[0]["process_splits"],  # decoded by loader processes; the others by threads
