@@ -50,6 +50,9 @@ CACHE_VERSION = 1
 # From this many pairs on, load_split uses worker processes: they take ~0.5 s to start, then decode faster than
 # threads (the full phantom's train split on 2 cores: ~2,000-2,200 pairs/s against ~1,500-1,700 with threads).
 PROCESS_MIN_PAIRS = 2000
+# Seconds an idle loader process waits for more work before it exits (joblib's default, 300 s, would keep
+# ~100 MB per process alive through the first minutes of training).
+WORKER_IDLE_S = 10
 
 
 class DataError(ValueError):
@@ -515,8 +518,9 @@ def load_split(data_dir, split: str, prep: Preprocessing = Preprocessing(), cach
         # Each task handed to a process costs a few ms (a bare joblib loop: 64-pair tasks 1,968 pairs/s, 256 2,625).
         chunk = max(1, min(256 if files else 64, n // (4 * workers) or 1))
         chunks = [(refs[i:i + chunk], prep, i, *targets) for i in range(0, n, chunk)]
-        parallel = joblib.Parallel(n_jobs=max(1, min(workers, len(chunks))), backend="loky" if files else "threading",
-                                   return_as="generator")
+        parallel = joblib.Parallel(n_jobs=max(1, min(workers, len(chunks))), return_as="generator",
+                                   **({"backend": "loky", "idle_worker_timeout": WORKER_IDLE_S} if files
+                                      else {"backend": "threading"}))
         results = []
         with tqdm(total=n, desc=f"loading {split}", unit="slice", disable=not progress) as bar:
             for c, out in zip(chunks, parallel(joblib.delayed(_load_chunk)(c) for c in chunks)):

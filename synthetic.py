@@ -53,6 +53,7 @@ PRESETS = {
 WIDE_SHARE, SINGLETON_SHARE = 0.05, 0.03
 AFFINE = np.diag([1.0, 1.0, 3.0, 1.0])  # 1 mm pixels, 3 mm slices
 MARKER = "phantom.json"
+WORKER_IDLE_S = 10  # seconds an idle writer process waits for more work before it exits (joblib's default: 300)
 
 # Tissue: (label, T2 intensity before gain, fine texture, coarse texture). Labels come from this table.
 TISSUES = {
@@ -405,7 +406,8 @@ def generate(out_dir, preset: str = "demo", seed: int = 42, workers: int | None 
     # joblib's loky workers are fresh interpreters (no fork of TensorFlow's threads) that import only this
     # module: multiprocessing's spawn would run the caller's script again in each, and fail for a script read
     # from stdin. With one worker joblib runs the jobs in this process.
-    parallel = joblib.Parallel(n_jobs=workers, backend="loky", return_as="generator_unordered")
+    parallel = joblib.Parallel(n_jobs=workers, backend="loky", return_as="generator_unordered",
+                               idle_worker_timeout=WORKER_IDLE_S)
     for n in parallel(joblib.delayed(write_volume)(job) for job in jobs):
         bar.update(n)
     bar.close()

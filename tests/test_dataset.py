@@ -307,6 +307,43 @@ print(len(data), float(data.images.sum()))
     assert int(n) == len(expected) and float(total) == pytest.approx(float(expected.images.sum()), rel=1e-6)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="lists child processes through /proc")
+def test_idle_loader_processes_exit(tiny_data, tmp_path):
+    # Idle loky workers would otherwise live on for joblib's default 300 s, ~100 MB each, into training.
+    script = tmp_path / "load.py"
+    script.write_text(f"""
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, {str(ROOT)!r})
+import dataset
+
+def loader_processes():
+    me, found = str(os.getpid()), []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+            cmd = (status.parent / "cmdline").read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+        if fields.get("PPid", "").strip() == me and b"popen_loky" in cmd:
+            found.append(status.parent.name)
+    return found
+
+dataset.WORKER_IDLE_S = 3
+dataset.load_split({str(tiny_data)!r}, "validate", use_cache=False, progress=False, workers=2, processes=True)
+print(len(loader_processes()))
+deadline = time.monotonic() + 60
+while loader_processes() and time.monotonic() < deadline:
+    time.sleep(0.5)
+print(len(loader_processes()))
+""")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    right_after, later = map(int, out.stdout.split())
+    assert right_after >= 1, "no loader processes were found right after the load"
+    assert later == 0, "loader processes still alive a minute after the load"
+
+
 def test_loader_falls_back_to_threads_when_the_array_files_cannot_be_made(tiny_data, tmp_path, monkeypatch):
     def no_space(*a, **k):
         raise OSError(28, "No space left on device")
