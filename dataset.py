@@ -598,6 +598,9 @@ class Augment:
     scale: float = 0.1
     gamma: float = 0.3  # log-gamma range, intensity only
     noise: float = 0.03  # max Gaussian noise std, intensity only
+    # Images in [0, 1] (--norm minmax). False (zscore): gamma bends each image's own min..max range instead,
+    # rather than clipping it to [0, 1].
+    unit_range: bool = True
 
 
 def augment_batch(images, targets, seed, aug: Augment):
@@ -634,7 +637,12 @@ def augment_batch(images, targets, seed, aug: Augment):
     targets = tf.ensure_shape(tf.cast(warp(tf.cast(targets, tf.float32), "NEAREST"), targets.dtype), targets.shape)
     if aug.gamma:
         gamma = tf.exp((2 * u[:, 3] - 1) * aug.gamma)[:, None, None, None]
-        images = tf.pow(tf.clip_by_value(images, 0.0, 1.0), gamma)
+        if aug.unit_range:  # the warp interpolates, so the images stay in [0, 1]; the clip only guards pow
+            images = tf.pow(tf.clip_by_value(images, 0.0, 1.0), gamma)
+        else:
+            lo = tf.reduce_min(images, axis=(1, 2, 3), keepdims=True)
+            span = tf.maximum(tf.reduce_max(images, axis=(1, 2, 3), keepdims=True) - lo, 1e-6)
+            images = lo + span * tf.pow(tf.clip_by_value((images - lo) / span, 0.0, 1.0), gamma)
     if aug.noise:
         std = (u[:, 4] * aug.noise)[:, None, None, None]
         images = images + std * tf.random.stateless_normal(tf.shape(images), seed=seed[::-1])

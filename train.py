@@ -79,8 +79,14 @@ def parse_args(argv=None):
     args.num_classes = args.num_classes or len(args.class_names)
     if args.num_classes != len(args.class_names):
         p.error(f"--num-classes {args.num_classes} but {len(args.class_names)} --class-names")
+    size = args.size
     try:
-        args.size = tuple(int(s) for s in args.size.lower().split("x"))
+        args.size = tuple(int(s) for s in size.lower().split("x"))
+    except ValueError:
+        args.size = ()
+    if len(args.size) != 2 or any(s <= 0 or s % 16 for s in args.size):  # 4 poolings halve each side 4 times
+        p.error(f"--size {size!r}: expected ROWSxCOLS with both divisible by 16, e.g. 256x128")
+    try:
         args.target_ids = dataset.parse_target(args.target, args.class_names)
     except ValueError as e:
         p.error(str(e))
@@ -128,7 +134,8 @@ class RunState(keras.callbacks.Callback):
     """Per epoch: keep the best model, a resumable checkpoint, history.csv and plots, all atomically.
 
     state.json is the commit point: it names the checkpoint of the last finished epoch and holds the
-    history and the states of the other callbacks, so a kill at any moment resumes exactly.
+    history and the states of the other callbacks, so a kill at any moment resumes exactly. The best model
+    is written after it (a resume finishes that write if a kill cut it off: see train()).
     """
 
     def __init__(self, out: Path, stateful_callbacks: list, state: dict | None, summary_names: list):
@@ -153,9 +160,9 @@ class RunState(keras.callbacks.Callback):
                "seconds": round(time.perf_counter() - self.epoch_start, 1)}
         st = self.state
         st["history"].append(row)
-        if row[MONITOR] > st["best"]:
+        improved = row[MONITOR] > st["best"]
+        if improved:
             st["best"], st["best_epoch"] = row[MONITOR], epoch + 1
-            modules.save_model(self.model, self.out / "model.keras")
         old = self.out / "checkpoint" / f"epoch-{st['epoch'] + 1:04d}.keras"
         st["epoch"] = epoch
         st["checkpoint"] = f"checkpoint/epoch-{epoch + 1:04d}.keras"
@@ -163,6 +170,8 @@ class RunState(keras.callbacks.Callback):
         st["callbacks"] = [{k: _plain(getattr(cb, k)) for k in ("wait", "best", "cooldown_counter", "stopped_epoch")
                             if hasattr(cb, k)} for cb in self.others]
         atomic_write_json(self.out / "state.json", st)  # commit point
+        if improved:
+            modules.save_model(self.model, self.out / "model.keras")
         if old.exists():
             old.unlink()
         write_history_csv(self.out / "history.csv", st["history"])
@@ -170,6 +179,12 @@ class RunState(keras.callbacks.Callback):
         per_class = " ".join(f"{n} {row.get('val_dice_' + n, float('nan')):.3f}" for n in self.summary_names)
         print(f"epoch {epoch + 1}/{self.params['epochs']} loss {row['loss']:.4f} val_loss {row['val_loss']:.4f} "
               f"val_dice {row[MONITOR]:.4f} | {per_class} | lr {row['learning_rate']:.2e} {row['seconds']:.0f}s", flush=True)
+
+
+def early_stopped(state: dict, patience: int) -> bool:
+    """Whether the saved run had reached --early-stopping's patience (EarlyStopping's restored `wait`)."""
+    callbacks = state["callbacks"]  # [ReduceLROnPlateau, EarlyStopping if the run used it]
+    return bool(patience) and len(callbacks) > 1 and callbacks[1].get("wait", 0) >= patience
 
 
 def _plain(v):
@@ -193,7 +208,10 @@ def load_state(out: Path, cfg: dict):
         print(f"--resume: no checkpoint in {out}; starting a new run")
         return None, None
     saved = json.loads((out / "config.json").read_text())
-    for key in ("target_ids", "input_size", "base_filters", "num_classes", "norm", "data", "seed", "global_batch_size"):
+    # The checkpoint keeps its own loss, learning rate and layer precision, and predict.py names the channels
+    # from config.json: a resume that changed any of these would be recorded but not done.
+    for key in ("target_ids", "input_size", "base_filters", "num_classes", "class_names", "norm", "data", "seed",
+                "global_batch_size", "loss", "lr", "precision"):
         if saved.get(key) != cfg.get(key):
             raise SystemExit(f"error: --resume: {out}/config.json has {key}={saved.get(key)!r} but this run has "
                              f"{cfg.get(key)!r}; resume with the same settings or use another --out")
@@ -237,6 +255,10 @@ def train(args) -> dict:
                           metrics=modules.segmentation_metrics(channels, names), jit_compile=jit)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", cfg)
+    if state and state["best_epoch"] == state["epoch"] + 1:
+        # The last finished epoch was the best, and a kill may have come between state.json and model.keras:
+        # the checkpoint just loaded is that model, so write it again.
+        modules.save_model(model, out / "model.keras")
     initial_epoch = state["epoch"] + 1 if state else 0
     gbs = cfg["global_batch_size"]
     print(f"{len(train_data)} train / {len(val_data)} validation slices from {data_dir}; "
@@ -245,12 +267,16 @@ def train(args) -> dict:
     if initial_epoch >= args.epochs:
         print(f"{out} already finished {initial_epoch} epochs; nothing to do (raise --epochs to train more)")
         return state
+    if state and early_stopped(state, args.early_stopping):
+        print(f"{out} stopped early after epoch {initial_epoch} (no better {MONITOR} for {args.early_stopping} "
+              f"epochs); nothing to do (resume with a larger --early-stopping, or 0, to train on)")
+        return state
 
     gpus = tf.config.list_logical_devices("GPU")
     # One GPU: copy the next batch to it during the current step (tf.distribute does this itself).
     device = gpus[0].name if len(gpus) == 1 and strategy.num_replicas_in_sync == 1 else None
     train_ds = dataset.make_dataset(train_data, gbs, args.target_ids, shuffle=True,
-                                    augment=dataset.Augment() if args.augment else None, seed=args.seed,
+                                    augment=dataset.Augment(unit_range=args.norm == "minmax") if args.augment else None, seed=args.seed,
                                     epochs=None, initial_epoch=initial_epoch, device=device)
     val_ds = dataset.make_dataset(val_data, gbs, args.target_ids)
     if strategy.num_replicas_in_sync > 1:

@@ -411,6 +411,25 @@ def test_augmentation_moves_image_and_mask_together():
     assert sum(moved) > len(moved) / 2  # the geometry really changed most samples
 
 
+def test_gamma_keeps_zscored_images_unclipped():
+    data = _tiny_split(n=8, seed=5)
+    data.images += np.random.default_rng(0).random(data.images.shape, np.float32)  # texture between min and max
+    data.images[:] = (data.images - data.images.mean()) / data.images.std()  # z-scored: about half below 0
+    gamma_only = dict(flip=False, rotate_deg=0, scale=0, noise=0, gamma=0.3)
+    x, _ = next(iter(dataset.make_dataset(data, 8, augment=dataset.Augment(unit_range=False, **gamma_only))))
+    x, orig = x.numpy(), data.images
+    # Each image keeps its own range and intensity order; only the curve between its min and max changes.
+    np.testing.assert_allclose(x.min(axis=(1, 2, 3)), orig.min(axis=(1, 2, 3)), atol=1e-5)
+    np.testing.assert_allclose(x.max(axis=(1, 2, 3)), orig.max(axis=(1, 2, 3)), atol=1e-5)
+    for a, b in zip(x, orig):
+        order = np.argsort(b.ravel(), kind="stable")
+        assert np.all(np.diff(a.ravel()[order]) >= -1e-5)
+    assert not np.allclose(x, orig, atol=1e-3)  # the gamma did act
+    # The [0, 1] variant (for minmax images) clips these to [0, 1]: what train.py used to do with z-scores.
+    y, _ = next(iter(dataset.make_dataset(data, 8, augment=dataset.Augment(unit_range=True, **gamma_only))))
+    assert y.numpy().min() >= 0 and orig.min() < 0
+
+
 def test_augmented_batches_keep_their_static_shape():
     """The warp loses static shapes; without them Keras traces the model for any size (and the fused
     batch norm falls back to the slow path)."""

@@ -85,6 +85,47 @@ def test_resume_continues_at_the_next_epoch(tiny_data, tmp_path, capsys):
     assert [p.name for p in (out / "checkpoint").iterdir()] == ["epoch-0002.keras"]
     with pytest.raises(SystemExit, match="base_filters"):
         train.main(args + ["-e", "3", "--resume", "-f", "8"])
+    # The checkpoint keeps its loss, learning rate and precision: a resume may not claim to have changed them.
+    for flag, key in ((["--loss", "dice"], "loss"), (["--lr", "1e-3"], "lr"), (["--precision", "float32"], "precision"),
+                      (["--class-names", "bg,a,b,c,d,e"], "class_names")):
+        with pytest.raises(SystemExit, match=key):
+            train.main(args + ["-e", "3", "--resume", *flag])
+
+
+def test_resume_writes_the_best_model_a_kill_cut_off(tiny_data, tmp_path):
+    # state.json commits an epoch before the best model is written; a kill between the two loses model.keras.
+    out = tmp_path / "r"
+    args = ["-d", str(tiny_data), "-o", str(out), "-f", "4", "-e", "1", "-q"]
+    assert train.main(args) == 0
+    (out / "model.keras").unlink()
+    assert train.main(args + ["--resume"]) == 0  # nothing left to train, but the best model comes back
+    state = json.loads((out / "state.json").read_text())
+    for a, b in zip(keras.models.load_model(out / "model.keras").get_weights(), _final_weights(out)):
+        np.testing.assert_array_equal(a, b)
+    assert state["best_epoch"] == 1
+
+
+def test_resume_after_early_stopping_trains_no_more(tiny_data, tmp_path, capsys):
+    out = tmp_path / "r"
+    args = ["-d", str(tiny_data), "-o", str(out), "-f", "4", "-q"]
+    assert train.main(args + ["-e", "1", "--early-stopping", "1"]) == 0
+    state_path = out / "state.json"
+    state = json.loads(state_path.read_text())
+    state["callbacks"][1]["wait"] = 1  # as if epoch 1 had not improved: EarlyStopping(patience=1) stops here
+    state_path.write_text(json.dumps(state))
+    assert train.main(args + ["-e", "3", "--resume", "--early-stopping", "1"]) == 0
+    assert "stopped early after epoch 1" in capsys.readouterr().out
+    assert len(_history(out)) == 1
+    assert train.main(args + ["-e", "2", "--resume", "--early-stopping", "2"]) == 0  # more patience: trains on
+    assert len(_history(out)) == 2
+
+
+def test_bad_size_is_refused_before_loading(tmp_path, capsys):
+    for size in ("250x128", "256", "big"):
+        with pytest.raises(SystemExit) as e:
+            train.main(["-d", str(tmp_path / "nowhere"), "-o", str(tmp_path / "r"), "--size", size])
+        assert e.value.code == 2
+        assert f"--size {size!r}: expected ROWSxCOLS with both divisible by 16" in capsys.readouterr().err
 
 
 def _train_cmd(data, out, epochs):
