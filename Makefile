@@ -9,8 +9,10 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: demo train predict test bench venv clean
 
-venv: $(VENV)/.installed
-$(VENV)/.installed: requirements.txt
+# One stamp per build, so `make venv GPU=1` on a CPU venv does swap TensorFlow.
+STAMP := $(VENV)/.installed$(if $(filter 1,$(GPU)),-gpu)
+venv: $(STAMP)
+$(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
@@ -36,5 +38,5 @@ test: venv
 bench: venv
 	$(PY) benchmarks/bench.py
 
-clean:
-	rm -rf $(VENV) runs data/phantom-demo
+clean:  ## the venv, the demo run and the demo phantom (other runs are left alone)
+	rm -rf $(VENV) $(RUN) data/phantom-demo

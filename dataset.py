@@ -212,7 +212,10 @@ def nifti_voxels(raw: bytes) -> np.ndarray:
     if dtype.kind not in "biuf":
         raise ValueError(f"data type {dtype} (code {int(header['datatype'])}) is not a plain numeric type")
     offset, count = int(header.get_data_offset()), math.prod(shape)
-    if offset < size or offset + count * dtype.itemsize > len(raw):
+    if offset < size:  # nibabel would read header bytes as voxels
+        raise ValueError(f"data offset (vox_offset) {offset} lies inside the {size}-byte header; "
+                         f"expected {size + 4} or more")
+    if offset + count * dtype.itemsize > len(raw):
         raise ValueError(f"truncated: {len(raw)} bytes, but the header describes {count} voxels of {dtype} "
                          f"from byte {offset} ({offset + count * dtype.itemsize} bytes)")
     data = np.frombuffer(raw, dtype, count, offset).reshape(shape, order="F")
@@ -272,7 +275,7 @@ def check_mask(mask: np.ndarray, path: str, num_classes: int) -> np.ndarray:
     if labels.min(initial=0) < 0 or labels.max(initial=0) >= num_classes:
         found = np.unique(labels).astype(int).tolist()
         raise DataError(f"{path}: labels {found} found, expected 0..{num_classes - 1} "
-                        f"(set --num-classes/--class-names to match the data)")
+                        f"(the run's classes; train.py --class-names sets them)")
     return labels.astype(np.uint8, order="C")
 
 
@@ -377,6 +380,29 @@ def _cache_key(refs, prep: Preprocessing, skip_bad: bool) -> str:
     return h.hexdigest()[:24]
 
 
+def _cache_source(refs, prep: Preprocessing, skip_bad: bool) -> str:
+    """What a cache was made from, leaving out the files' sizes and mtimes: the folders and the settings."""
+    folders = sorted({str(Path(p).parent) for r in refs for p in (r.image, r.mask)})
+    return hashlib.sha256(json.dumps([CACHE_VERSION, asdict(prep), skip_bad, folders]).encode()).hexdigest()[:24]
+
+
+def _drop_stale_caches(cache: Path, source: str) -> None:
+    """Remove the split's other caches made from the same folders and settings: their files have changed since.
+
+    Caches of other data folders or settings stay (switching back to them is instant); so do caches
+    written before the source was recorded.
+    """
+    for other in cache.parent.glob(f"{cache.name.rsplit('-', 1)[0]}-*"):
+        if other == cache or not other.is_dir():
+            continue
+        try:
+            stale = json.loads((other / "meta.json").read_text()).get("source") == source
+        except (OSError, ValueError):
+            continue  # being written, or not a cache: not ours to remove
+        if stale:
+            shutil.rmtree(other, ignore_errors=True)
+
+
 def _read_cache(folder: Path, n_expected_max: int, prep: Preprocessing):
     """Load a cached split, or None if it is missing or fails any consistency check."""
     meta_path = folder / "meta.json"
@@ -405,10 +431,11 @@ def _read_cache(folder: Path, n_expected_max: int, prep: Preprocessing):
                      [tuple(s) for s in meta["orig_shapes"]], counts, meta["skipped"], meta["fingerprint"])
 
 
-def _write_cache(folder: Path, data: SplitData, written: dict | None = None) -> None:
+def _write_cache(folder: Path, data: SplitData, written: dict | None = None, source: str | None = None) -> None:
     """Write arrays first and meta.json last (atomically), so a half-written cache is never used.
 
     written: temporary .npy files in folder that already hold some of the arrays; they are renamed, not copied.
+    source: _cache_source of the split, kept in meta.json to find this cache once it is stale.
     """
     folder.mkdir(parents=True, exist_ok=True)
     written = written or {}
@@ -423,7 +450,7 @@ def _write_cache(folder: Path, data: SplitData, written: dict | None = None) -> 
         "refs": [asdict(r) for r in data.refs], "orig_shapes": [list(s) for s in data.orig_shapes],
         "skipped": data.skipped, "fingerprint": data.fingerprint,
         "masks_crc32": zlib.crc32(np.ascontiguousarray(data.masks)),
-        "counts_crc32": zlib.crc32(np.ascontiguousarray(data.label_counts))})
+        "counts_crc32": zlib.crc32(np.ascontiguousarray(data.label_counts)), "source": source})
 
 
 def _array_files(folder: Path, n: int, prep: Preprocessing, claim: bool = True) -> dict:
@@ -543,11 +570,13 @@ def load_split(data_dir, split: str, prep: Preprocessing = Preprocessing(), cach
             skipped=errors, fingerprint=fingerprint(refs))
         if use_cache:
             in_place = files if files and len(keep) == n else None
+            source = _cache_source(refs, prep, skip_bad)
             try:
-                _write_cache(cache, data, in_place)
+                _write_cache(cache, data, in_place, source)
             except OSError as e:
                 warnings.warn(f"could not write the cache at {cache} ({e}); the next run loads from files again")
             else:
+                _drop_stale_caches(cache, source)
                 if in_place:  # hand out copy-on-write maps, as a cached load does: writes never reach the cache
                     data.images, data.masks = (np.load(cache / f"{k}.npy", mmap_mode="c").view(np.ndarray)
                                                for k in ("images", "masks"))

@@ -273,7 +273,7 @@ def evaluate(args) -> dict:
                        f"here (working directory {Path.cwd()}); pass --data-dir")
     out = Path(args.out) if args.out else Path(args.run or run.model_path.parent) / f"eval-{args.split}"
     data = dataset.load_split(data_dir, args.split, run.prep, cache_dir=args.cache_dir, progress=not args.quiet,
-                              skip_bad=args.skip_bad)
+                              skip_bad=args.skip_bad, max_bad_fraction=args.max_bad_fraction)
     picks = args.slices if args.slices is not None else [100] if len(data) > 100 else []  # the README's figure
     if bad := [i for i in picks if not 0 <= i < len(data)]:
         raise DataError(f"--slices {bad}: split {args.split!r} has {len(data)} slices (0..{len(data) - 1})")
@@ -407,6 +407,8 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default=None,
                    help="decoded-data cache (default $HIPMRI_CACHE or ~/.cache/hipmri-unet)")
     p.add_argument("--skip-bad", action="store_true", help="leave out unreadable pairs, reporting each")
+    p.add_argument("--max-bad-fraction", type=float, default=0.05,
+                   help="with --skip-bad, refuse above this share (default: 0.05)")
     p.add_argument("-i", "--input", nargs="+", default=None,
                    help="segment these NIfTI slices or volumes instead of scoring a split")
     p.add_argument("--output-dir", default=None, help="with --input: where masks go (default: RUN/predictions)")

@@ -1,7 +1,8 @@
 """Synthetic male pelvic MRI phantom, written in the HipMRI `keras_slices` layout.
 
 Nobody here holds the real HipMRI files, so this module draws a T2-like axial pelvis that a loader
-cannot tell apart by layout, names, shapes, dtypes or label statistics (see hipmri-facts.md).
+cannot tell apart by layout, names, shapes, dtypes or label statistics (the README's "Data" section
+lists what it copies from the real set).
 
 Layout: `out/keras_slices_{split}/case_XXX_week_Y_slice_Z.nii.gz` and the mask of each image in
 `out/keras_slices_seg_{split}/seg_XXX_week_Y_slice_Z.nii.gz`; one case-week is one volume and Z
@@ -41,6 +42,8 @@ import joblib
 import nibabel as nib
 import numpy as np
 from tqdm import tqdm
+
+from atomic_io import atomic_path, atomic_write_json
 
 VERSION = 1
 SPLITS = ("train", "validate", "test")
@@ -335,7 +338,11 @@ def nifti_gz(arr: np.ndarray) -> bytes:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a hidden temp name beside `path`, then rename: a killed run never leaves half a file."""
+    """Write to a hidden temp name beside `path`, then rename: a killed run never leaves half a file.
+
+    Unlike atomic_io, no fsync: the full preset writes 25,320 files, and phantom.json (written with
+    atomic_io, last) is what marks a finished phantom; without it the phantom is written again.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -413,7 +420,7 @@ def generate(out_dir, preset: str = "demo", seed: int = 42, workers: int | None 
     bar.close()
     info = {"preset": preset, "seed": seed, "version": VERSION, "counts": counts,
             "slices_per_volume": PRESETS[preset]["slices"], "labels": list(LABELS)}
-    write_atomic(marker, (json.dumps(info, indent=1) + "\n").encode())
+    atomic_write_json(marker, info)
     (out / (MARKER + ".partial")).unlink(missing_ok=True)
     return counts
 
@@ -484,8 +491,8 @@ def save_preview(path, data_dir=None, seed: int = 42) -> None:
     fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, frameon=False)
     fig.suptitle("Synthetic T2 pelvis phantom (axial, anterior up)", fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
 

@@ -59,8 +59,12 @@ def test_read_slice_refuses_headers_it_cannot_read(tmp_path):
     header = nib.Nifti1Header.from_fileobj(io.BytesIO(good))
     header["datatype"] = 2304  # RGBA: not a plain number per voxel
     (tmp_path / "rgba.nii").write_bytes(header.binaryblock + good[348:])
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(good))
+    header["vox_offset"] = 0  # nibabel would read the header's own bytes as voxels
+    (tmp_path / "offset0.nii").write_bytes(header.binaryblock + good[348:])
     for name, msg in (("pair.nii", r"magic b'ni1', expected b'n\+1'"), ("short.nii", r"truncated: 8444 bytes, but the header describes 2048 voxels of float32 from byte 352 \(8544 bytes\)"),
-                      ("rgba.nii", "is not a plain numeric type")):
+                      ("rgba.nii", "is not a plain numeric type"),
+                      ("offset0.nii", r"data offset \(vox_offset\) 0 lies inside the 348-byte header; expected 352")):
         with pytest.raises(DataError, match=msg) as e:
             dataset.read_slice(tmp_path / name)
         assert name in str(e.value) and "not a readable NIfTI file" in str(e.value)
@@ -226,8 +230,15 @@ def test_cache_hit_invalidation_and_corruption(tmp_path, monkeypatch):
     img = root / "keras_slices_train" / "case_001_week_0_slice_0.nii.gz"
     write_nifti(img, np.full((256, 128), 3.0, np.float32))
     os.utime(img, ns=(1, 1))
+    before = {p.name for p in cache.iterdir()}
     changed = dataset.load_split(root, "train", cache_dir=cache, progress=False, workers=1)
     assert np.all(changed.images[0] == 0) and not np.all(first.images[0] == 0)
+    # The stale cache is gone; one of other settings stays.
+    (after,) = {p.name for p in cache.iterdir()}
+    assert after not in before and len(before) == 1
+    zscore = dataset.Preprocessing(norm="zscore")
+    dataset.load_split(root, "train", zscore, cache_dir=cache, progress=False, workers=1)
+    assert len(list(cache.iterdir())) == 2
 
     # A corrupt cache is detected and rebuilt.
     for folder in cache.iterdir():

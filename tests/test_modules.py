@@ -27,7 +27,9 @@ def test_unet_architecture(classes, activation):
     assert out.kernel_size == (1, 1) and out.activation.__name__ == activation
     enc = [layer for layer in model.layers if layer.name.startswith("enc1_")]
     assert [type(layer).__name__ for layer in enc] == ["Conv2D", "Conv2D", "FusedBatchNormalization", "MaxPooling2D"]
-    assert _count(model, layers.BatchNormalization) == 9  # a subclass: same weights and options
+    bn = model.get_layer("enc1_bn")  # a subclass of Keras' layer: its weights and options
+    assert isinstance(bn, layers.BatchNormalization) and bn.momentum == 0.9 and bn.axis in (-1, 3)
+    assert [w.name for w in bn.weights] == ["gamma", "beta", "moving_mean", "moving_variance"]
     assert all(layer.activation.__name__ == "relu" for layer in enc[:2])
 
 

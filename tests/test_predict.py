@@ -266,3 +266,15 @@ def test_labels_beyond_the_runs_classes_are_reported(tiny_run, tmp_path, capsys)
     write_nifti(seg, np.full((256, 128), 7.0, np.float32))
     expect_error(["--run", str(tiny_run), "--data-dir", str(data), "--out", str(tmp_path / "o")], capsys,
                  str(seg), "labels [7] found, expected 0..5")
+
+
+def test_skip_bad_and_max_bad_fraction(tiny_run, tmp_path, capsys):
+    data = make_layout(tmp_path / "data", splits=("test",))  # 3 pairs
+    seg = data / "keras_slices_seg_test" / "seg_001_week_0_slice_1.nii.gz"
+    write_nifti(seg, np.full((256, 128), 7.0, np.float32))
+    argv = ["--run", str(tiny_run), "--data-dir", str(data), "--out", str(tmp_path / "o"),
+            "--cache-dir", str(tmp_path / "cache"), "--skip-bad", "--figures", "0"]
+    expect_error(argv, capsys, "1 of 3 pairs are broken, more than the allowed 5%", str(seg))
+    with pytest.warns(UserWarning, match="skipping"):
+        assert predict.main([*argv, "--max-bad-fraction", "0.5", "-q"]) == 0
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["n_slices"] == 2
