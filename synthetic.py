@@ -1,8 +1,8 @@
 """Synthetic male pelvic MRI phantom, written in the HipMRI `keras_slices` layout.
 
 Nobody here holds the real HipMRI files, so this module draws a T2-like axial pelvis that a loader
-cannot tell apart by layout, names, shapes, dtypes or label statistics (the README's "Data" section
-lists what it copies from the real set).
+cannot tell apart by layout, names, shapes, dtypes or label statistics (the presets below give the real
+split sizes; `python dataset.py info` shows the label shares).
 
 Layout: `out/keras_slices_{split}/case_XXX_week_Y_slice_Z.nii.gz` and the mask of each image in
 `out/keras_slices_seg_{split}/seg_XXX_week_Y_slice_Z.nii.gz`; one case-week is one volume and Z
