@@ -7,19 +7,17 @@ GPU ?=
 RUN ?= runs/demo
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo train predict test bench venv clean
+.PHONY: demo train predict test bench real-anatomy venv clean
 
 # One stamp per build, so `make venv GPU=1` on a CPU venv does swap TensorFlow.
+REQUIREMENTS := requirements$(if $(filter 1,$(GPU)),-gpu).txt
 STAMP := $(VENV)/.installed$(if $(filter 1,$(GPU)),-gpu)
 venv: $(STAMP)
-$(STAMP): requirements.txt
+$(STAMP): $(REQUIREMENTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
-ifeq ($(GPU),1)
-	$(PY) -m pip uninstall --quiet --yes tensorflow-cpu
-	$(PY) -m pip install --quiet "tensorflow[and-cuda]==2.21.*"
-endif
+	$(if $(filter 1,$(GPU)),$(PY) -m pip uninstall --quiet --yes tensorflow-cpu)
+	$(PY) -m pip install --quiet -r $(REQUIREMENTS)
 	touch $@
 
 demo: venv  ## train on the demo phantom (resuming if interrupted), then score the test split
@@ -37,6 +35,9 @@ test: venv
 
 bench: venv
 	$(PY) benchmarks/bench.py
+
+real-anatomy: venv  ## this project against MONAI and the seed's Keras U-Net on real MRI anatomy (hours on 2 cores)
+	$(PY) benchmarks/real_anatomy.py
 
 clean:  ## the venv, the demo run and the demo phantom (other runs are left alone)
 	rm -rf $(VENV) $(RUN) data/phantom-demo

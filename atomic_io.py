@@ -12,16 +12,17 @@ os.umask(UMASK)
 
 
 @contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`."""
+def atomic_path(path, fsync: bool = True):
+    """Yield a temporary path beside `path`; on success fsync it (unless told not to) and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     finally:
@@ -29,9 +30,9 @@ def atomic_path(path):
             os.unlink(tmp)
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
+def atomic_write_bytes(path, data: bytes, fsync: bool = True) -> None:
     """Write bytes atomically."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, fsync) as tmp:
         tmp.write_bytes(data)
 
 

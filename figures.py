@@ -1,7 +1,7 @@
-"""Every figure of a run: training curves, prediction comparison panels, the Dice box plot.
+"""Every figure: training curves, comparison panels, the Dice box plot, the phantom preview, a scan in three planes.
 
 Slices are drawn as radiologists view an axial pelvis: array axis 0 (left-right) horizontal, anterior
-up. Labels keep one colour everywhere (dataset.LABEL_COLOURS).
+up. Labels keep one colour everywhere (LABEL_COLOURS).
 """
 from __future__ import annotations
 
@@ -13,9 +13,14 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from nibabel import orientations as nio  # noqa: E402
 
-import dataset  # noqa: E402
 from atomic_io import atomic_path  # noqa: E402
+
+# One RGBA colour per label (alpha for overlays on the image; background clear): background, body, bone,
+# bladder, rectum, prostate; labels beyond these take tab10's colours.
+LABEL_COLOURS = ((0, 0, 0, 0), (0.2, 0.8, 0.2, 0.15), (1, 0.85, 0, 0.5), (0.1, 0.5, 1, 0.6),
+                 (1, 0.45, 0, 0.7), (0.95, 0.1, 0.3, 0.7))
 
 
 def save_figure(fig, path) -> None:
@@ -27,12 +32,12 @@ def save_figure(fig, path) -> None:
 
 def label_colours(n: int) -> np.ndarray:
     """RGBA for labels 0..n-1: the fixed palette, then tab10 for extra labels."""
-    extra = [(*plt.get_cmap("tab10")(i % 10)[:3], 0.6) for i in range(max(0, n - len(dataset.LABEL_COLOURS)))]
-    return np.concatenate([np.array(dataset.LABEL_COLOURS), np.array(extra).reshape(-1, 4)])[:n]
+    extra = [(*plt.get_cmap("tab10")(i % 10)[:3], 0.6) for i in range(max(0, n - len(LABEL_COLOURS)))]
+    return np.concatenate([np.array(LABEL_COLOURS), np.array(extra).reshape(-1, 4)])[:n]
 
 
 def view(a: np.ndarray) -> np.ndarray:
-    """Radiological display of a slice (as synthetic.save_preview): axis 0 (left-right) horizontal, anterior up."""
+    """Radiological display of a slice: axis 0 (left-right) horizontal, anterior up."""
     return np.flipud(np.swapaxes(a, 0, 1))
 
 
@@ -92,3 +97,55 @@ def save_training_plots(history: list, out: Path) -> None:
         ax.legend()
         fig.tight_layout()
         save_figure(fig, out / f"training_validation_{key}.png")
+
+
+def save_phantom_preview(path, slices, names, title) -> None:
+    """Slices (title, image, labels) in radiological view, above the same slices with their labels overlaid."""
+    colours = label_colours(len(names))
+    cols, rows = 3, -(-len(slices) // 3)
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(4.4 * cols, 4.6 * rows), squeeze=False)
+    for i, (name, img, mask) in enumerate(slices):
+        top, bottom = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
+        lo, hi = np.percentile(img, [0.5, 99.5])
+        for ax in (top, bottom):
+            ax.imshow(view(img), cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+            ax.axis("off")
+        bottom.imshow(view(colours[mask.astype(int)]), interpolation="nearest")
+        top.set_title(f"{name}\n{img.shape[0]}x{img.shape[1]}, intensities {img.min():.0f}..{img.max():.0f}",
+                      fontsize=8)
+    handles = [Patch(color=colours[i][:3], label=f"{i} {n}") for i, n in enumerate(names) if i]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def save_three_planes(path, image, labels, affine, colours, names, title) -> None:
+    """Axial, coronal and sagittal slices through the middle of the mask's foreground, labels over the scan.
+
+    Drawn in RAS world orientation when the affine is known (neurological view: the patient's right on the
+    right, anterior and superior up), else in the array's own axes; pixels keep their physical aspect.
+    """
+    zooms = np.ones(3)
+    if affine is not None:
+        ornt = nio.io_orientation(affine)  # file axes -> R, A, S
+        image, labels = nio.apply_orientation(image, ornt), nio.apply_orientation(labels, ornt)
+        zooms = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)[np.argsort(ornt[:, 0])]
+    fg = np.argwhere(labels > 0)
+    centre = fg.mean(axis=0).round().astype(int) if len(fg) else np.array(labels.shape) // 2
+    lo, hi = np.percentile(image, [0.5, 99.5])
+    planes = [("axial", np.s_[:, :, centre[2]], (0, 1)), ("coronal", np.s_[:, centre[1], :], (0, 2)),
+              ("sagittal", np.s_[centre[0], :, :], (1, 2))]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.8), layout="constrained")
+    for ax, (name, where, (h, v)) in zip(axes, planes):
+        aspect = zooms[v] / zooms[h]
+        ax.imshow(image[where].T, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=aspect, interpolation="nearest")
+        ax.imshow(colours[labels[where]].transpose(1, 0, 2), origin="lower", aspect=aspect, interpolation="nearest")
+        ax.set_title(f"{name} (voxel {int(centre[3 - h - v])})" if affine is not None else name, fontsize=9)
+        ax.axis("off")
+    handles = [Patch(color=colours[i][:3], label=f"{i} {n}") for i, n in enumerate(names, start=1)]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=9)
+    save_figure(fig, path)

@@ -1,16 +1,11 @@
-"""The 4-level U-Net of the original design, its Dice metrics and losses, and model saving.
+"""The 4-level U-Net of the original design, its Keras Dice metrics and losses, and model saving.
 
-Dice convention (used everywhere in this project): Dice is computed per image and per foreground
-class, 2|T∩P| / (|T| + |P|). An image where a class is absent from both truth and prediction has
-no Dice for that class: it is left out of that class's mean (and counted in no `n`), rather than
-scored 1 (which would flatter rare classes) or 0 (which would punish a correct "absent"). Background
-is never part of the mean. This is much stricter than a Dice pooled over the batch with background
-included, which reads 0.97 while the prostate scores near 0.
+The Dice metric follows evaluate.py's convention: per image and per foreground class, an image where a
+class is in neither truth nor prediction left out of that class's mean, background never averaged in.
 """
 from __future__ import annotations
 
 import keras
-import numpy as np
 from keras import layers, ops
 
 from atomic_io import atomic_path
@@ -85,10 +80,11 @@ def decoder_block(x, skip, filters: int, name: str, sync_bn: bool = False):
 
 def build_unet(input_shape=(256, 128, 1), num_classes: int = 6, base_filters: int = 16, levels: int = 4,
                sync_bn: bool = False):
-    """U-Net: `levels` encoder blocks, a bottleneck, `levels` decoder blocks, 1x1 output.
+    """U-Net: `levels` encoder blocks, a bottleneck, `levels` decoder blocks, a 1x1 output of logits.
 
-    num_classes == 1 gives a sigmoid (binary target), otherwise a softmax over all labels.
-    sync_bn: batch statistics over the global batch when training on several replicas.
+    This is the model that trains (the losses work on logits); `with_probabilities` puts the softmax (or, for
+    one channel, the sigmoid) on top for prediction and saving. sync_bn: batch statistics over the global
+    batch when training on several replicas.
     """
     rows, cols = input_shape[:2]
     if rows % 2**levels or cols % 2**levels:
@@ -101,154 +97,140 @@ def build_unet(input_shape=(256, 128, 1), num_classes: int = 6, base_filters: in
     x = conv_block(x, base_filters * 2**levels, "bottleneck", sync_bn)
     for i in reversed(range(levels)):
         x = decoder_block(x, skips[i], base_filters * 2**i, f"dec{i + 1}", sync_bn)
-    # float32 output: softmax/sigmoid and the losses are unstable in float16/bfloat16.
-    activation = "sigmoid" if num_classes == 1 else "softmax"
-    outputs = layers.Conv2D(num_classes, 1, activation=activation, dtype="float32", name="mask")(x)
-    return keras.Model(inputs, outputs, name=f"unet{levels}_b{base_filters}")  # (batch, rows, cols, classes)
+    # float32 output: log-softmax, softmax and the losses are unstable in float16/bfloat16.
+    logits = layers.Conv2D(num_classes, 1, dtype="float32", name="logits")(x)
+    return keras.Model(inputs, logits, name=f"unet{levels}_b{base_filters}")  # (batch, rows, cols, classes)
 
 
-# ----------------------------------------------------------------------------- numpy scores
-
-def dice_per_class(truth: np.ndarray, pred: np.ndarray, labels) -> np.ndarray:
-    """Dice of each label between two label maps; NaN where the label is in neither."""
-    out = np.full(len(labels), np.nan)
-    for i, c in enumerate(labels):
-        t, p = truth == c, pred == c
-        total = t.sum() + p.sum()
-        if total:
-            out[i] = 2.0 * np.logical_and(t, p).sum() / total
-    return out
-
-
-def iou_per_class(truth: np.ndarray, pred: np.ndarray, labels) -> np.ndarray:
-    """Intersection over union of each label; NaN where the label is in neither."""
-    out = np.full(len(labels), np.nan)
-    for i, c in enumerate(labels):
-        t, p = truth == c, pred == c
-        union = np.logical_or(t, p).sum()
-        if union:
-            out[i] = np.logical_and(t, p).sum() / union
-    return out
+def with_probabilities(model):
+    """The same network (shared weights) with probabilities as its output: what model.keras holds."""
+    activation = "sigmoid" if model.output.shape[-1] == 1 else "softmax"
+    probs = layers.Activation(activation, dtype="float32", name="mask")(model.output)
+    return keras.Model(model.input, probs, name=model.name)
 
 
 # ----------------------------------------------------------------------------- Keras metrics and losses
 
-def _one_hot_pair(y_true, y_pred):
-    """Hard one-hot truth and prediction (batch, pixels, channels); binary targets give one channel."""
-    channels = y_pred.shape[-1]
-    if channels == 1:
-        t = ops.cast(ops.cast(y_true, "float32") > 0.5, "float32")
-        p = ops.cast(y_pred > 0.5, "float32")
+def _labels_and_prediction(y_true, logits):
+    """Hard labels of truth and prediction (batch, pixels): argmax, or logit > 0 for one channel."""
+    batch = ops.shape(logits)[0]
+    if logits.shape[-1] == 1:
+        t, p = ops.cast(y_true, "float32") > 0.5, logits > 0
     else:
-        t = ops.one_hot(ops.cast(ops.squeeze(y_true, -1), "int32"), channels)
-        p = ops.one_hot(ops.argmax(y_pred, axis=-1), channels)
-    batch = ops.shape(y_pred)[0]
-    return ops.reshape(t, (batch, -1, channels)), ops.reshape(p, (batch, -1, channels))
+        t, p = ops.squeeze(y_true, -1), ops.argmax(logits, axis=-1)
+    return ops.reshape(ops.cast(t, "int32"), (batch, -1)), ops.reshape(ops.cast(p, "int32"), (batch, -1))
 
 
 @keras.saving.register_keras_serializable(PACKAGE)
-class DiceScore(keras.metrics.Metric):
-    """Per-image hard Dice, averaged over the images where the class is present in truth or prediction.
+class DiceScores(keras.metrics.Metric):
+    """Per-image hard Dice of every class, averaged over the images where the class is in truth or prediction.
 
-    class_id=None reports the mean over foreground classes (1..C-1; the single channel of a binary
-    model); an integer reports that channel alone.
+    Reports {"dice": mean over the foreground classes (1..C-1, or the one channel of a binary model),
+    "dice_<name>": each foreground class}, from one pass over the batch. Works on logits or probabilities
+    alike for several classes (argmax); for one channel, on logits (threshold 0).
     """
 
-    def __init__(self, num_classes: int, class_id=None, name="dice", **kwargs):
+    def __init__(self, class_names, name="dice", **kwargs):
         super().__init__(name=name, **kwargs)
-        self.num_classes, self.class_id = num_classes, class_id
-        self.sums = self.add_variable((num_classes,), "zeros", name="sums")
-        self.counts = self.add_variable((num_classes,), "zeros", name="counts")
+        self.class_names = list(class_names)
+        self.num_classes = max(2, len(self.class_names))  # one channel: background and the target
+        self.sums = self.add_variable((self.num_classes,), "zeros", name="sums")
+        self.counts = self.add_variable((self.num_classes,), "zeros", name="counts")
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        t, p = _one_hot_pair(y_true, y_pred)
-        inter = ops.sum(t * p, axis=1)  # (batch, classes)
+        t, p = _labels_and_prediction(y_true, y_pred)
+        t, p = ops.one_hot(t, self.num_classes), ops.one_hot(p, self.num_classes)  # (batch, pixels, classes)
+        inter = ops.sum(t * p, axis=1)
         total = ops.sum(t, axis=1) + ops.sum(p, axis=1)
         present = ops.cast(total > 0, "float32")
-        dice = 2 * inter / ops.maximum(total, 1.0)
-        self.sums.assign_add(ops.sum(dice * present, axis=0))
+        self.sums.assign_add(ops.sum(2 * inter / ops.maximum(total, 1.0) * present, axis=0))
         self.counts.assign_add(ops.sum(present, axis=0))
 
     def result(self):
         per_class = self.sums / ops.maximum(self.counts, 1.0)
-        if self.class_id is not None:
-            return per_class[self.class_id]
-        first = 0 if self.num_classes == 1 else 1
-        seen = ops.cast(self.counts[first:] > 0, "float32")
-        return ops.sum(per_class[first:] * seen) / ops.maximum(ops.sum(seen), 1.0)
+        seen = ops.cast(self.counts[1:] > 0, "float32")
+        names = self.class_names[1:] if len(self.class_names) > 1 else self.class_names
+        return {self.name: ops.sum(per_class[1:] * seen) / ops.maximum(ops.sum(seen), 1.0),
+                **{f"{self.name}_{n}": per_class[i] for i, n in enumerate(names, start=1)}}
 
     def reset_state(self):
         self.sums.assign(ops.zeros_like(self.sums))
         self.counts.assign(ops.zeros_like(self.counts))
 
     def get_config(self):
-        return {**super().get_config(), "num_classes": self.num_classes, "class_id": self.class_id}
+        return {**super().get_config(), "class_names": self.class_names}
 
 
-def _soft_one_hot(y_true, y_pred):
-    """Float one-hot truth matching y_pred's channels."""
-    if y_pred.shape[-1] == 1:
-        return ops.cast(y_true, y_pred.dtype)
-    return ops.one_hot(ops.cast(ops.squeeze(y_true, -1), "int32"), y_pred.shape[-1], dtype=y_pred.dtype)
+def _one_hot(y_true, logits):
+    """Float one-hot truth matching the logits' channels (for one channel, the target itself)."""
+    if logits.shape[-1] == 1:
+        return ops.cast(y_true, "float32")
+    return ops.one_hot(ops.cast(ops.squeeze(y_true, -1), "int32"), logits.shape[-1], dtype="float32")
 
 
-# The losses return one value per image: Keras then takes the batch mean and, under tf.distribute,
-# scales it by the replica count (it does neither for a loss that is already a scalar).
+# The losses return one value per image: Keras then takes the batch mean and, under tf.distribute, scales it
+# by the replica count (it does neither for a loss that is already a scalar). They take logits: the
+# cross-entropy comes from log-softmax, so a confidently wrong pixel still has a gradient.
 
-def _mean_soft_dice(t, y_pred, smooth, overlap=None):
-    """Per image: smoothed soft Dice averaged over the foreground classes (background would dominate)."""
-    overlap = t * y_pred if overlap is None else overlap
-    inter = ops.sum(overlap, axis=(1, 2))  # (batch, classes)
-    total = ops.sum(t, axis=(1, 2)) + ops.sum(y_pred, axis=(1, 2))
+def _soft_dice(t, probs, smooth, over_batch: bool):
+    """1 - smoothed soft Dice over the foreground classes, per image or pooled over the batch (one value)."""
+    axes = (0, 1, 2) if over_batch else (1, 2)
+    inter = ops.sum(t * probs, axis=axes)  # (batch, classes), or (classes,)
+    total = ops.sum(t, axis=axes) + ops.sum(probs, axis=axes)
     dice = (2 * inter + smooth) / (total + smooth)
-    return ops.mean(dice[:, 1:] if y_pred.shape[-1] > 1 else dice, axis=-1)
+    dice = dice[..., 1:] if probs.shape[-1] > 1 else dice
+    loss = 1.0 - ops.mean(dice, axis=-1)
+    return loss * ops.ones((ops.shape(probs)[0],)) if over_batch else loss  # one value per image either way
 
 
-def _true_class_ce(overlap):
-    """Per image: pixel-mean -log(probability of the true class), from the one-hot * prediction product.
+def _cross_entropy(t, logits):
+    """Per image: pixel-mean cross-entropy from logits (sigmoid for one channel, softmax otherwise)."""
+    if logits.shape[-1] == 1:
+        return ops.mean(ops.binary_crossentropy(t, logits, from_logits=True), axis=(1, 2, 3))
+    return -ops.mean(ops.sum(t * ops.log_softmax(logits, axis=-1), axis=-1), axis=(1, 2))
 
-    The same gradient (with respect to the logits) as Keras' sparse categorical cross-entropy on
-    probabilities, which takes the log of all the channels and a softmax on top; this reuses the
-    product the Dice term needs, so the two together cost one pass over the output less.
+
+def _probabilities(logits):
+    return ops.sigmoid(logits) if logits.shape[-1] == 1 else ops.softmax(logits, axis=-1)
+
+
+@keras.saving.register_keras_serializable(PACKAGE)
+class SegmentationLoss(keras.losses.Loss):
+    """Dice + cross-entropy on logits ("dice_ce"), or either term alone ("dice", "ce").
+
+    Dice for the rare classes, cross-entropy for well-scaled gradients from the first step. The Dice is per
+    image (smoothed, so an absent class counts as a perfect 0) or, with dice_over="batch", pooled over the
+    batch (as nnU-Net does in 2D): an empty slice's few false-positive pixels then weigh what they are.
     """
-    eps = keras.config.epsilon()
-    return -ops.mean(ops.log(ops.clip(ops.sum(overlap, axis=-1), eps, 1.0 - eps)), axis=(1, 2))
+
+    def __init__(self, terms: str = "dice_ce", dice_over: str = "image", smooth: float = 1.0, **kwargs):
+        super().__init__(name=kwargs.pop("name", terms), **kwargs)
+        if terms not in LOSSES or dice_over not in ("image", "batch"):
+            raise ValueError(f"loss {terms!r} over {dice_over!r}: expected one of {LOSSES} over image or batch")
+        self.terms, self.dice_over, self.smooth = terms, dice_over, smooth
+
+    def call(self, y_true, logits):
+        logits = ops.cast(logits, "float32")
+        t = _one_hot(y_true, logits)
+        loss = 0.0
+        if self.terms in ("dice_ce", "dice"):
+            loss += _soft_dice(t, _probabilities(logits), self.smooth, self.dice_over == "batch")
+        if self.terms in ("dice_ce", "ce"):
+            loss += _cross_entropy(t, logits)
+        return loss
+
+    def get_config(self):
+        return {**super().get_config(), "terms": self.terms, "dice_over": self.dice_over, "smooth": self.smooth}
 
 
-@keras.saving.register_keras_serializable(PACKAGE)
-def dice_loss(y_true, y_pred, smooth=1.0):
-    """Per image: 1 - soft Dice averaged over foreground classes (smoothed, so absent classes push to 0)."""
-    return 1.0 - _mean_soft_dice(_soft_one_hot(y_true, y_pred), y_pred, smooth)
+LOSSES = ("dice_ce", "dice", "ce")
 
 
-@keras.saving.register_keras_serializable(PACKAGE)
-def cross_entropy(y_true, y_pred):
-    """Per image: pixel-mean cross-entropy, binary for one channel, categorical over the labels otherwise."""
-    if y_pred.shape[-1] == 1:
-        return ops.mean(keras.losses.binary_crossentropy(ops.cast(y_true, y_pred.dtype), y_pred), axis=(1, 2))
-    return _true_class_ce(_soft_one_hot(y_true, y_pred) * y_pred)
-
-
-@keras.saving.register_keras_serializable(PACKAGE)
-def dice_ce_loss(y_true, y_pred, smooth=1.0):
-    """Dice + cross-entropy: Dice for the rare classes, cross-entropy for stable early gradients."""
-    if y_pred.shape[-1] == 1:
-        return dice_loss(y_true, y_pred, smooth) + cross_entropy(y_true, y_pred)
-    t = _soft_one_hot(y_true, y_pred)
-    overlap = t * y_pred  # shared by both terms
-    return 1.0 - _mean_soft_dice(t, y_pred, smooth, overlap) + _true_class_ce(overlap)
-
-
-LOSSES = {"dice_ce": dice_ce_loss, "dice": dice_loss, "ce": cross_entropy}
-
-
-def segmentation_metrics(num_classes: int, class_names) -> list:
-    """Accuracy, mean foreground Dice, and one Dice per foreground class (named after the class)."""
-    accuracy = (keras.metrics.BinaryAccuracy(name="accuracy") if num_classes == 1
+def segmentation_metrics(channel_names) -> list:
+    """Accuracy, and the Dice of each foreground channel and their mean (on logits)."""
+    accuracy = (keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0) if len(channel_names) == 1
                 else keras.metrics.SparseCategoricalAccuracy(name="accuracy"))
-    per_class = [DiceScore(num_classes, c, name=f"dice_{class_names[c]}")
-                 for c in (range(1) if num_classes == 1 else range(1, num_classes))]
-    return [accuracy, DiceScore(num_classes, name="dice"), *per_class]
+    return [accuracy, DiceScores(channel_names)]
 
 
 def save_model(model, path) -> None:

@@ -26,13 +26,19 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import config  # noqa: E402
 import dataset  # noqa: E402
 import figures  # noqa: E402
 import modules  # noqa: E402
+import pipeline  # noqa: E402
+import synthetic  # noqa: E402
 from atomic_io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from distribute import build_from_one_batch, chief_dir, make_strategy  # noqa: E402
+from preprocess import FITS, NORMS, DataError, Preprocessing, parse_target  # noqa: E402
 
 MONITOR = "val_dice"  # mean foreground Dice on the validation split
+DEFAULT_DATA = Path("data")
+DEMO_PHANTOM = DEFAULT_DATA / "phantom-demo"
 
 
 def parse_args(argv=None):
@@ -45,7 +51,13 @@ def parse_args(argv=None):
     p.add_argument("-o", "--out", default="runs/demo", help="run folder")
     p.add_argument("-e", "--epochs", type=int, default=10, help="total epochs (a resumed run continues to this)")
     p.add_argument("-b", "--batch-size", type=int, default=8, help="batch size per replica")
-    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate for one replica")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate for one replica")
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam",
+                   help="adam; adamw (weight decay 1e-4); sgd (Nesterov momentum 0.99, as nnU-Net)")
+    p.add_argument("--schedule", choices=["plateau", "cosine", "poly"], default="plateau",
+                   help="plateau: constant, halved after --patience epochs without a better val_dice; cosine or "
+                        "poly (power 0.9): decay to 0 over the run, after --warmup epochs of linear warm-up")
+    p.add_argument("--warmup", type=float, default=0, help="epochs of linear warm-up for cosine and poly")
     p.add_argument("-f", "--base-filters", type=int, default=16, help="filters of the first level (64 = classic U-Net)")
     p.add_argument("-t", "--target", default="all",
                    help="'all' for every label (softmax) or labels for a binary target, e.g. 'prostate'")
@@ -53,10 +65,16 @@ def parse_args(argv=None):
                    help="comma-separated names of the mask labels 0..N-1")
     p.add_argument("--num-classes", type=int, default=None, help="labels in the masks (default: len(class names))")
     p.add_argument("--size", default="256x128", help="network input ROWSxCOLS; both divisible by 16")
-    p.add_argument("--norm", choices=["minmax", "zscore"], default="minmax", help="per-image intensity scaling")
-    p.add_argument("--loss", choices=sorted(modules.LOSSES), default="dice_ce", help="training loss")
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                   help="paired flips, rotation, scale, gamma and noise on training batches")
+    p.add_argument("--norm", choices=list(NORMS), default="minmax", help="per-image intensity scaling")
+    p.add_argument("--fit", choices=list(FITS), default="resize",
+                   help="how a slice meets the network size: resize (squash) or crop (centre pad or crop; "
+                        "prediction then covers larger slices with overlapping tiles)")
+    p.add_argument("--loss", choices=modules.LOSSES, default="dice_ce", help="training loss (on logits)")
+    p.add_argument("--dice-over", choices=["image", "batch"], default="image",
+                   help="the Dice term per image, or pooled over the batch (nnU-Net's 2D setting)")
+    p.add_argument("--augment", choices=list(pipeline.AUGMENTATIONS), default="basic",
+                   help="paired augmentation of training batches: " + "; ".join(
+                       f"{k}: {v}" for k, v in pipeline.AUGMENTATIONS.items()))
     p.add_argument("--seed", type=int, default=42, help="seed for Python, NumPy, TensorFlow and the data order")
     p.add_argument("--deterministic", action="store_true",
                    help="TensorFlow op determinism: identical runs on the CPU (slower)")
@@ -66,6 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--jit", choices=["auto", "on", "off"], default="auto", help="XLA compilation (auto: GPU only)")
     p.add_argument("--patience", type=int, default=4, help="epochs without improvement before halving the lr")
     p.add_argument("--early-stopping", type=int, default=0, help="stop after N epochs without improvement (0: off)")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+                   help="write TensorBoard logs to RUN/logs (tensorboard --logdir RUN/logs)")
     p.add_argument("--strategy", choices=["auto", "none", "mirrored", "multiworker"], default="auto",
                    help="tf.distribute strategy (auto: mirrored over all GPUs when there are several)")
     p.add_argument("--cpu-replicas", type=int, default=0,
@@ -87,7 +107,7 @@ def parse_args(argv=None):
     if len(args.size) != 2 or any(s <= 0 or s % 16 for s in args.size):  # 4 poolings halve each side 4 times
         p.error(f"--size {size!r}: expected ROWSxCOLS with both divisible by 16, e.g. 256x128")
     try:
-        args.target_ids = dataset.parse_target(args.target, args.class_names)
+        args.target_ids = parse_target(args.target, args.class_names)
     except ValueError as e:
         p.error(str(e))
     return args
@@ -106,49 +126,89 @@ def choose_precision(requested: str) -> str:
     return "mixed_bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
-def run_config(args, precision, strategy, train, val) -> dict:
-    """Everything predict.py needs to rebuild the run, plus what it ran on."""
-    cfg = {k: v for k, v in vars(args).items() if k not in ("target_ids", "size", "quiet")}
-    replicas = strategy.num_replicas_in_sync
-    cfg.update(
-        input_size=list(args.size), target_ids=list(args.target_ids) if args.target_ids else None,
-        channel_names=channel_names(args), precision=precision, replicas=replicas,
-        global_batch_size=args.batch_size * replicas, effective_lr=args.lr * replicas,
-        preprocessing={"size": list(args.size), "norm": args.norm, "num_classes": args.num_classes},
+def make_optimizer(args, lr: float, steps_per_epoch: int):
+    """The optimizer at the effective rate, with the learning-rate schedule of --schedule and --warmup."""
+    if args.schedule != "plateau":
+        total, warmup = args.epochs * steps_per_epoch, round(args.warmup * steps_per_epoch)
+        if args.schedule == "cosine":
+            lr = keras.optimizers.schedules.CosineDecay(0.0 if warmup else lr, max(1, total - warmup),
+                                                        warmup_target=lr if warmup else None, warmup_steps=warmup)
+        else:
+            lr = WarmupPoly(lr, total, warmup)
+    if args.optimizer == "sgd":
+        return keras.optimizers.SGD(lr, momentum=0.99, nesterov=True)
+    if args.optimizer == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=1e-4)
+    return keras.optimizers.Adam(lr)
+
+
+@keras.saving.register_keras_serializable(modules.PACKAGE)
+class WarmupPoly(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to `peak`, then nnU-Net's polynomial decay, peak * (1 - t)^0.9, to 0 at the last step."""
+
+    def __init__(self, peak: float, total_steps: int, warmup_steps: int = 0):
+        self.peak, self.total_steps, self.warmup_steps = peak, total_steps, warmup_steps
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        warm = self.peak * (step + 1) / max(1, self.warmup_steps)
+        t = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        decay = self.peak * keras.ops.power(keras.ops.maximum(1.0 - t, 0.0), 0.9)
+        return keras.ops.where(step < self.warmup_steps, warm, decay)
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
+
+
+def default_data(progress: bool = True) -> Path:
+    """data/ if it holds the HipMRI layout, else the demo phantom in data/phantom-demo (written on first use)."""
+    try:
+        return dataset.find_data_root(DEFAULT_DATA)
+    except DataError:
+        pass
+    if not (DEMO_PHANTOM / synthetic.MARKER).exists():
+        print(f"no --data-dir and no HipMRI data in {DEFAULT_DATA}/: writing the synthetic demo phantom to "
+              f"{DEMO_PHANTOM}/ (once; about a minute)", flush=True)
+    synthetic.generate(DEMO_PHANTOM, "demo", seed=42, progress=progress)
+    return DEMO_PHANTOM
+
+
+def run_config(args, prep, precision, strategy, train, val) -> dict:
+    """config.json's content: every flag, the preprocessing, the data and what the run ran on."""
+    return config.build(
+        vars(args), prep, target_ids=args.target_ids, replicas=strategy.num_replicas_in_sync, precision=precision,
         data={"train": {"pairs": len(train), "fingerprint": train.fingerprint},
               "validate": {"pairs": len(val), "fingerprint": val.fingerprint}},
+        geometry=dataset.geometry_summary(train.geometry, train.orig_shapes),
         versions={"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
                   "numpy": np.__version__},
-        device=[d.name for d in tf.config.list_logical_devices()])
-    return cfg
-
-
-def channel_names(args) -> list:
-    """Names of the model's output channels: every class, or the binary target."""
-    if args.target_ids is None:
-        return list(args.class_names)
-    return ["+".join(args.class_names[i] for i in args.target_ids)]
+        devices=[d.name for d in tf.config.list_logical_devices()])
 
 
 class RunState(keras.callbacks.Callback):
-    """Per epoch: keep the best model, a resumable checkpoint, history.csv and plots, all atomically.
+    """Per epoch: keep the best model, a resumable checkpoint and history.csv, all atomically; plots at the end.
 
     state.json is the commit point: it names the checkpoint of the last finished epoch and holds the
     history and the states of the other callbacks, so a kill at any moment resumes exactly. The best model
     is written after it (a resume finishes that write if a kill cut it off: see train()).
     """
 
-    def __init__(self, out: Path, stateful_callbacks: list, state: dict | None, summary_names: list):
+    def __init__(self, out: Path, stateful_callbacks: dict, state: dict | None, summary_names: list):
         super().__init__()
         self.out, self.others, self.summary_names = out, stateful_callbacks, summary_names
-        self.state = state or {"epoch": -1, "best": -np.inf, "best_epoch": -1, "history": [], "callbacks": []}
+        self.state = state or {"epoch": -1, "best": -np.inf, "best_epoch": -1, "history": [], "callbacks": {}}
         self.epoch_start, self.epoch_lr = 0.0, 0.0
 
     def on_train_begin(self, logs=None):
         # Keras callbacks reset themselves here; put back what the interrupted run had reached.
-        for cb, saved in zip(self.others, self.state["callbacks"]):
-            for k, v in saved.items():
+        for name, cb in self.others.items():
+            for k, v in self.state["callbacks"].get(name, {}).items():
                 setattr(cb, k, v)
+
+    def on_train_end(self, logs=None):
+        # Once per run, not per epoch (a second or so each on 2 cores); TensorBoard shows a run as it goes.
+        if self.state["history"]:
+            figures.save_training_plots(self.state["history"], self.out)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_start = time.perf_counter()
@@ -167,15 +227,15 @@ class RunState(keras.callbacks.Callback):
         st["epoch"] = epoch
         st["checkpoint"] = f"checkpoint/epoch-{epoch + 1:04d}.keras"
         modules.save_model(self.model, self.out / st["checkpoint"])  # weights and optimizer state
-        st["callbacks"] = [{k: _plain(getattr(cb, k)) for k in ("wait", "best", "cooldown_counter", "stopped_epoch")
-                            if hasattr(cb, k)} for cb in self.others]
+        st["callbacks"] = {name: {k: _plain(getattr(cb, k)) for k in ("wait", "best", "cooldown_counter",
+                                                                      "stopped_epoch") if hasattr(cb, k)}
+                           for name, cb in self.others.items()}
         atomic_write_json(self.out / "state.json", st)  # commit point
         if improved:
-            modules.save_model(self.model, self.out / "model.keras")
+            modules.save_model(modules.with_probabilities(self.model), self.out / "model.keras")
         if old.exists():
             old.unlink()
         write_history_csv(self.out / "history.csv", st["history"])
-        figures.save_training_plots(st["history"], self.out)
         per_class = " ".join(f"{n} {row.get('val_dice_' + n, float('nan')):.3f}" for n in self.summary_names)
         print(f"epoch {epoch + 1}/{self.params['epochs']} loss {row['loss']:.4f} val_loss {row['val_loss']:.4f} "
               f"val_dice {row[MONITOR]:.4f} | {per_class} | lr {row['learning_rate']:.2e} {row['seconds']:.0f}s", flush=True)
@@ -183,8 +243,7 @@ class RunState(keras.callbacks.Callback):
 
 def early_stopped(state: dict, patience: int) -> bool:
     """Whether the saved run had reached --early-stopping's patience (EarlyStopping's restored `wait`)."""
-    callbacks = state["callbacks"]  # [ReduceLROnPlateau, EarlyStopping if the run used it]
-    return bool(patience) and len(callbacks) > 1 and callbacks[1].get("wait", 0) >= patience
+    return bool(patience) and state["callbacks"].get("early_stopping", {}).get("wait", 0) >= patience
 
 
 def _plain(v):
@@ -207,16 +266,16 @@ def load_state(out: Path, cfg: dict):
     if not state_path.exists():
         print(f"--resume: no checkpoint in {out}; starting a new run")
         return None, None
-    saved = json.loads((out / "config.json").read_text())
-    # The checkpoint keeps its own loss, learning rate and layer precision, and predict.py names the channels
-    # from config.json: a resume that changed any of these would be recorded but not done.
-    for key in ("target_ids", "input_size", "base_filters", "num_classes", "class_names", "norm", "data", "seed",
-                "global_batch_size", "loss", "lr", "precision"):
-        if saved.get(key) != cfg.get(key):
-            raise SystemExit(f"error: --resume: {out}/config.json has {key}={saved.get(key)!r} but this run has "
-                             f"{cfg.get(key)!r}; resume with the same settings or use another --out")
+    conflict = config.resume_conflict(json.loads((out / config.NAME).read_text()), cfg)
+    if conflict:
+        key, was, now = conflict
+        raise SystemExit(f"error: --resume: {out}/{config.NAME} has {key}={was!r} but this run has {now!r}; "
+                         "resume with the same settings or use another --out")
     state = json.loads(state_path.read_text())
     model = keras.models.load_model(out / state["checkpoint"])
+    if model.layers[-1].name != "logits" or not isinstance(state["callbacks"], dict):
+        raise SystemExit(f"error: --resume: {out} was written by an earlier version of train.py (a model with "
+                         "probabilities as its output); start a new run with another --out")
     print(f"resuming {out} after epoch {state['epoch'] + 1} (best {MONITOR} {state['best']:.4f} "
           f"at epoch {state['best_epoch']})")
     return state, model
@@ -232,16 +291,16 @@ def train(args) -> dict:
     keras.mixed_precision.set_global_policy(precision)
     out = chief_dir(Path(args.out), is_chief)
 
-    data_dir = dataset.resolve_data_dir(args.data_dir, progress=not args.quiet)
-    prep = dataset.Preprocessing(args.size, args.norm, args.num_classes)
+    data_dir = dataset.find_data_root(args.data_dir) if args.data_dir else default_data(not args.quiet)
+    prep = Preprocessing(args.size, args.norm, args.num_classes, args.fit)
     load = dict(prep=prep, cache_dir=args.cache_dir, progress=not args.quiet, skip_bad=args.skip_bad,
                 max_bad_fraction=args.max_bad_fraction)
     train_data = dataset.load_split(data_dir, "train", **load)
     val_data = dataset.load_split(data_dir, "validate", **load)
     args.data_dir = str(data_dir.resolve())  # predict.py may run from another folder
-    cfg = run_config(args, precision, strategy, train_data, val_data)
+    cfg = run_config(args, prep, precision, strategy, train_data, val_data)
 
-    names = channel_names(args)
+    names = cfg["channel_names"]
     channels = 1 if args.target_ids else args.num_classes
     jit = args.jit == "on" or (args.jit == "auto" and bool(tf.config.list_physical_devices("GPU")))
     with strategy.scope():  # every worker reads the chief's checkpoint; only the chief writes
@@ -251,14 +310,19 @@ def train(args) -> dict:
         if model is None:
             model = modules.build_unet((*args.size, 1), channels, args.base_filters,
                                        sync_bn=strategy.num_replicas_in_sync > 1)
-            model.compile(keras.optimizers.Adam(cfg["effective_lr"]), modules.LOSSES[args.loss],
-                          metrics=modules.segmentation_metrics(channels, names), jit_compile=jit)
+            steps = -(-len(train_data) // cfg["global_batch_size"])
+            model.compile(make_optimizer(args, cfg["effective_lr"], steps),
+                          modules.SegmentationLoss(args.loss, args.dice_over),
+                          metrics=modules.segmentation_metrics(names), jit_compile=jit)
+            # The optimizer's variables made now, not in fit's first step: Keras then traces the step once, not
+            # twice (~5 s less before the first batch here, at any model size).
+            model.optimizer.build(model.trainable_variables)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", cfg)
+    config.write(out, cfg)
     if state and state["best_epoch"] == state["epoch"] + 1:
         # The last finished epoch was the best, and a kill may have come between state.json and model.keras:
         # the checkpoint just loaded is that model, so write it again.
-        modules.save_model(model, out / "model.keras")
+        modules.save_model(modules.with_probabilities(model), out / "model.keras")
     initial_epoch = state["epoch"] + 1 if state else 0
     gbs = cfg["global_batch_size"]
     print(f"{len(train_data)} train / {len(val_data)} validation slices from {data_dir}; "
@@ -275,21 +339,25 @@ def train(args) -> dict:
     gpus = tf.config.list_logical_devices("GPU")
     # One GPU: copy the next batch to it during the current step (tf.distribute does this itself).
     device = gpus[0].name if len(gpus) == 1 and strategy.num_replicas_in_sync == 1 else None
-    train_ds = dataset.make_dataset(train_data, gbs, args.target_ids, shuffle=True,
-                                    augment=dataset.Augment(unit_range=args.norm == "minmax") if args.augment else None, seed=args.seed,
+    augment = pipeline.augmentation(args.augment, unit_range=args.norm != "zscore")
+    train_ds = pipeline.make_dataset(train_data, gbs, args.target_ids, shuffle=True, augment=augment, seed=args.seed,
                                     epochs=None, initial_epoch=initial_epoch, device=device)
-    val_ds = dataset.make_dataset(val_data, gbs, args.target_ids)
+    val_ds = pipeline.make_dataset(val_data, gbs, args.target_ids)
     if strategy.num_replicas_in_sync > 1:
         build_from_one_batch(model, val_ds)
-    others = [keras.callbacks.ReduceLROnPlateau(MONITOR, mode="max", factor=0.5, patience=args.patience,
-                                                min_lr=1e-5, verbose=1)]
+    others = {}  # callbacks whose state state.json keeps, by name
+    if args.schedule == "plateau":
+        others["plateau"] = keras.callbacks.ReduceLROnPlateau(MONITOR, mode="max", factor=0.5, patience=args.patience,
+                                                              min_lr=1e-5, verbose=1)
     if args.early_stopping:
-        others.append(keras.callbacks.EarlyStopping(MONITOR, mode="max", patience=args.early_stopping, verbose=1))
+        others["early_stopping"] = keras.callbacks.EarlyStopping(MONITOR, mode="max", patience=args.early_stopping,
+                                                                 verbose=1)
     run_state = RunState(out, others, state, names[1:] if channels > 1 else names)
+    logs = [keras.callbacks.TensorBoard(str(out / "logs"), write_graph=False, profile_batch=0)] if args.tensorboard else []
     start = time.perf_counter()
     model.fit(train_ds, epochs=args.epochs, initial_epoch=initial_epoch,
               steps_per_epoch=-(-len(train_data) // gbs), validation_data=val_ds, shuffle=False,
-              callbacks=[*others, run_state], verbose=1 if sys.stdout.isatty() and not args.quiet else 0)
+              callbacks=[*others.values(), run_state, *logs], verbose=1 if sys.stdout.isatty() and not args.quiet else 0)
     st = run_state.state
     print(f"done in {time.perf_counter() - start:.0f}s: best {MONITOR} {st['best']:.4f} at epoch {st['best_epoch']}; "
           f"model in {out / 'model.keras'}")
@@ -301,7 +369,7 @@ def main(argv=None) -> int:
     policy = keras.mixed_precision.global_policy()
     try:
         train(args)
-    except dataset.DataError as e:
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

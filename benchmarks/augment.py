@@ -4,7 +4,7 @@
 
 On a 2-core CPU the tf.data pipeline runs beside the training step and takes its CPU time from it, so
 the pipeline's overhead (bench.py) is about this cost against the step time. Times one batch of 8
-256 x 128 pairs through `dataset.augment_batch` (in a tf.function, as tf.data runs it), with parts
+256 x 128 pairs through `pipeline.augment_batch` (in a tf.function, as tf.data runs it), with parts
 switched off, and TensorFlow's own warp (ImageProjectiveTransformV3, which the project used before
 OpenCV's) for comparison. Each figure is the median of 5 rounds of 100 batches, in ms per batch.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import dataset  # noqa: E402
+import pipeline  # noqa: E402
 
 
 def main() -> int:
@@ -28,7 +28,7 @@ def main() -> int:
     rng = np.random.default_rng(0)
     images = tf.constant(rng.random((8, 256, 128, 1), np.float32))
     targets = tf.constant(rng.integers(0, 6, (8, 256, 128, 1)).astype(np.uint8))
-    full = dataset.Augment()
+    basic, wide = pipeline.augmentation("basic", True), pipeline.augmentation("wide", True)
     transform = tf.constant([[np.cos(0.1), -np.sin(0.1), 10.0, np.sin(0.1), np.cos(0.1), -5.0, 0.0, 0.0]] * 8,
                             tf.float32)
 
@@ -40,10 +40,11 @@ def main() -> int:
         return warp(x, "BILINEAR"), tf.cast(warp(tf.cast(y, tf.float32), "NEAREST"), tf.uint8)
 
     cases = {
-        "augment_batch, all of it": lambda x, y, s: dataset.augment_batch(x, y, s, full),
+        "--augment wide, all of it": lambda x, y, s: pipeline.augment_batch(x, y, s, wide),
+        "--augment basic, all of it": lambda x, y, s: pipeline.augment_batch(x, y, s, basic),
         "  warp only (OpenCV warpAffine, image and mask)":
-            lambda x, y, s: dataset.augment_batch(x, y, s, dataclasses.replace(full, gamma=0, noise=0)),
-        "  warp + gamma": lambda x, y, s: dataset.augment_batch(x, y, s, dataclasses.replace(full, noise=0)),
+            lambda x, y, s: pipeline.augment_batch(x, y, s, dataclasses.replace(basic, gamma=0, noise=0)),
+        "  warp + gamma": lambda x, y, s: pipeline.augment_batch(x, y, s, dataclasses.replace(basic, noise=0)),
         "TensorFlow's warp (ImageProjectiveTransformV3), image and mask": tf_warp,
         "call overhead (returns its inputs)": lambda x, y, s: (x + 0.0, y),
     }

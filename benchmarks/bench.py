@@ -1,6 +1,6 @@
 """Speed of this project on this machine: loading, training, prediction and scoring, in one run.
 
-    python benchmarks/bench.py            # full phantom (12,660 pairs), base 16 and 64 (~12 min on 2 cores)
+    python benchmarks/bench.py            # full phantom (12,660 pairs), base 16 and 64
     python benchmarks/bench.py --quick    # demo phantom, base 16 only, fewer steps (~2 min)
     python benchmarks/bench.py --peers    # also the reference Keras script (/work/shared/reference)
     python benchmarks/bench.py --dice     # also the demo run under each precision: validation Dice (~20 min)
@@ -36,9 +36,11 @@ import tensorflow as tf  # noqa: E402
 
 import dataset  # noqa: E402
 import modules  # noqa: E402
+import pipeline  # noqa: E402
 import synthetic  # noqa: E402
 import train  # noqa: E402
 from atomic_io import atomic_write_json  # noqa: E402
+from preprocess import Preprocessing, make_target  # noqa: E402
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 PEERS = Path(os.environ.get("BENCH_PEERS", "/work/shared/reference"))
@@ -89,24 +91,19 @@ COLD_CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
 import dataset
-from joblib.externals.loky import get_reusable_executor
 start = time.perf_counter()
 splits = [dataset.load_split({data!r}, s, use_cache=False, progress=False) for s in dataset.SPLITS]
 seconds = time.perf_counter() - start
 for d in splits:  # touch every page, as training does, so the arrays count in this process's peak
     float(d.images.reshape(-1)[::1024].sum()) + float(d.masks.reshape(-1)[::4096].sum())
-get_reusable_executor().shutdown(wait=True)  # reap the loader's worker processes, to read their peak
 print(json.dumps({{"pairs": sum(map(len, splits)), "seconds": seconds,
-                  "process_splits": [s for s, d in zip(dataset.SPLITS, splits) if len(d) >= dataset.PROCESS_MIN_PAIRS],
                   "array_mb": sum(d.images.nbytes + d.masks.nbytes for d in splits) / 2**20,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}}))
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
 
 
 def cold_load_in_child(data_dir) -> dict:
-    """Load every split without the cache in a fresh process: its time, its peak resident memory (arrays
-    touched) and that of the largest of the loader's worker processes (they map the same arrays)."""
+    """Load every split without the cache in a fresh process: its time and peak resident memory (arrays touched)."""
     code = COLD_CHILD.format(root=str(ROOT), data=str(data_dir))
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -145,8 +142,6 @@ def bench_loading(data_dir, cache_dir, rounds: int = 3) -> tuple[dict, dict]:
            "cold_pairs_per_s": float(np.median(cold_rates)), "warm_pairs_per_s": float(np.median(warm)),
            "naive_rounds": naive, "cold_rounds": cold_rates, "warm_rounds": warm,
            "cold_peak_rss_mb": max(c["peak_rss_mb"] for c in cold), "cold_array_mb": cold[0]["array_mb"],
-           "cold_worker_peak_rss_mb": max(c["worker_peak_rss_mb"] for c in cold),
-           "cold_process_splits": cold[0]["process_splits"],  # decoded by loader processes; the others by threads
            "page_cache": "warm for both (every file read once before timing)"}
     res["cold_vs_naive"] = res["cold_pairs_per_s"] / res["naive_pairs_per_s"]
     res["warm_vs_naive"] = res["warm_pairs_per_s"] / res["naive_pairs_per_s"]
@@ -155,14 +150,18 @@ def bench_loading(data_dir, cache_dir, rounds: int = 3) -> tuple[dict, dict]:
 
 # ----------------------------------------------------------------------------- training and prediction
 
-def build_model(base: int, precision: str):
-    """The U-Net built and compiled exactly as train.py does it (default flags) under `precision`."""
+TRAIN_FLAGS: list = []  # --train-flags: train.py flags the model and the pipeline are built with
+
+
+def build_model(base: int, precision: str, steps_per_epoch: int = 125):
+    """The U-Net built and compiled exactly as train.py does it (its defaults, or --train-flags) under `precision`."""
     keras.mixed_precision.set_global_policy(precision)
-    names = list(dataset.CLASS_NAMES)
-    model = modules.build_unet((256, 128, 1), len(names), base)
+    args = train.parse_args([*TRAIN_FLAGS, "-f", str(base)])
+    model = modules.build_unet((*args.size, 1), len(args.class_names), base)
     jit = bool(tf.config.list_physical_devices("GPU"))  # train.py's --jit auto
-    model.compile(keras.optimizers.Adam(2e-3), modules.dice_ce_loss,
-                  metrics=modules.segmentation_metrics(len(names), names), jit_compile=jit)
+    model.compile(train.make_optimizer(args, args.lr, steps_per_epoch), modules.SegmentationLoss(args.loss, args.dice_over),
+                  metrics=modules.segmentation_metrics(args.class_names), jit_compile=jit)
+    model.optimizer.build(model.trainable_variables)
     return model
 
 
@@ -205,20 +204,22 @@ def bench_training(train_data, test_data, bases, precisions, rounds, steps) -> t
     The configurations of a base take turns, `rounds` times, and each reports its median: a machine that
     slows down for a while slows them all, so the ratios hold even when the absolute numbers drift.
     """
-    pipeline = dataset.make_dataset(train_data, BATCH, shuffle=True, augment=dataset.Augment(), epochs=None)
+    args = train.parse_args(TRAIN_FLAGS)
+    batches = pipeline.make_dataset(train_data, BATCH, shuffle=True, epochs=None,
+                                    augment=pipeline.augmentation(args.augment, unit_range=args.norm != "zscore"))
     n = (steps + 1) * BATCH
-    memory = (np.ascontiguousarray(train_data.images[:n]), dataset.make_target(train_data.masks[:n], None)[..., None])
+    memory = (np.ascontiguousarray(train_data.images[:n]), make_target(train_data.masks[:n], None)[..., None])
     test_images = np.ascontiguousarray(test_data.images)
     rows, models = [], {}
     for base in bases:
         s, r = (steps, rounds) if base <= 16 else (max(3, steps // 4), max(2, rounds // 2))  # base 64: ~15x slower
         group = {p: build_model(base, p) for p in precisions}
         for model in group.values():  # warm-up: trace, allocate, settle
-            train_rate(model, pipeline, 2), train_rate(model, memory, 2)
+            train_rate(model, batches, 2), train_rate(model, memory, 2)
         rates = {(p, feed): [] for p in precisions for feed in ("pipeline", "memory")}
         for _ in range(r):
             for (p, feed), got in rates.items():
-                got.append(train_rate(group[p], pipeline if feed == "pipeline" else memory, s))
+                got.append(train_rate(group[p], batches if feed == "pipeline" else memory, s))
         for p, model in group.items():
             row = {"base": base, "precision": p, "batch": BATCH, "steps": s, "rounds": r,
                    "pipeline_img_s": float(np.median(rates[p, "pipeline"])),
@@ -239,8 +240,9 @@ def write_run_folder(run: Path, model, base, data_dir, precision, train_data, va
     """A run folder as train.py writes it (model.keras + config.json), from a model trained here."""
     args = train.parse_args(["-d", str(data_dir), "-o", str(run), "-f", str(base)])
     args.data_dir = str(data_dir)
-    cfg = train.run_config(args, precision, tf.distribute.get_strategy(), train_data, val_data)
-    modules.save_model(model, run / "model.keras")
+    prep = Preprocessing(args.size, args.norm, args.num_classes, args.fit)
+    cfg = train.run_config(args, prep, precision, tf.distribute.get_strategy(), train_data, val_data)
+    modules.save_model(modules.with_probabilities(model), run / "model.keras")
     atomic_write_json(run / "config.json", cfg)
 
 
@@ -304,18 +306,14 @@ def table(res: dict) -> str:
     rows = [("machine", f"{m['cpu']}, {m['cores']} cores, {', '.join(m['cpu_flags'])}; TF {m['tensorflow']}", "")]
     if ld := res.get("loading"):
         each = lambda k: "rounds: " + ", ".join(f"{v:.0f}" for v in ld.get(k, []))  # noqa: E731
-        procs = ld.get("cold_process_splits", [])
-        how = (f"loader processes for {', '.join(procs)}, threads for the rest" if procs else
-               f"threads only: every split is under {dataset.PROCESS_MIN_PAIRS} pairs")
-        workers_mem = (f"each loader process {ld['cold_worker_peak_rss_mb']:.0f} MiB" if procs else "no loader processes")
         rows += [(f"load {ld['pairs']} pairs: naive nibabel loop (median)", f"{ld['naive_pairs_per_s']:.0f} pairs/s",
                   f"1.0x; {each('naive_rounds')}"),
                  ("load: project loader, cold (no cache)", f"{ld['cold_pairs_per_s']:.0f} pairs/s",
-                  f"{ld['cold_vs_naive']:.1f}x; {each('cold_rounds')}; {how}"),
+                  f"{ld['cold_vs_naive']:.1f}x; {each('cold_rounds')}; nibabel on a thread pool"),
                  ("load: project loader, warm (cache)", f"{ld['warm_pairs_per_s']:.0f} pairs/s",
                   f"{ld['warm_vs_naive']:.0f}x; {each('warm_rounds')}"),
                  ("load: peak memory, cold", f"{ld['cold_peak_rss_mb']:.0f} MiB",
-                  f"arrays {ld['cold_array_mb']:.0f} MiB; {workers_mem}")]
+                  f"arrays {ld['cold_array_mb']:.0f} MiB")]
     f32 = {r["base"]: r for r in res.get("training", []) if r["precision"] == "float32"}
     for r in res.get("training", []):
         ratio = f"{r['pipeline_img_s'] / f32[r['base']]['pipeline_img_s']:.2f}x float32" if r["base"] in f32 else ""
@@ -347,16 +345,20 @@ def parse_args(argv=None):
     p.add_argument("--peers", action="store_true", help="also run the reference Keras script, float32 and bfloat16")
     p.add_argument("--dice", action="store_true", help="also train the demo run under each precision (~20 min)")
     p.add_argument("--parts", default="load,train,score", help="comma-separated subset of load,train,score")
+    p.add_argument("--bases", default=None, help="comma-separated base filters to time (default: 16,64; quick: 16)")
+    p.add_argument("--train-flags", default="", help="train.py flags for the timed model and pipeline, e.g. "
+                   "'--augment wide'")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    TRAIN_FLAGS[:] = args.train_flags.split()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still removes its caches
     parts = set(args.parts.split(","))
     work = Path(args.work)
     preset = "demo" if args.quick else "full"
-    res = {"preset": preset, "quick": args.quick, "machine": machine_info()}
+    res = {"preset": preset, "quick": args.quick, "train_flags": args.train_flags, "machine": machine_info()}
     data_dir = work / f"phantom-{preset}"
     synthetic.generate(data_dir, preset, seed=42)
     work.mkdir(parents=True, exist_ok=True)
@@ -370,6 +372,7 @@ def main(argv=None) -> int:
         precisions = list(dict.fromkeys(["float32", train.choose_precision("auto")]))
         if "train" in parts or "score" in parts:
             bases = [16] if args.quick or "train" not in parts else [16, 64]
+            bases = [int(b) for b in args.bases.split(",")] if args.bases else bases
             rounds, steps = (2, 10) if args.quick or "train" not in parts else (4, 12)
             print(f"training throughput, batch {BATCH}: bases {bases}, {precisions}", flush=True)
             res["training"], models = bench_training(splits["train"], splits["test"], bases, precisions, rounds, steps)

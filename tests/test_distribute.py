@@ -8,11 +8,12 @@ import sys
 
 import keras
 import pytest
-from conftest import ROOT
+from conftest import ROOT, SMALL
 
 import modules  # noqa: F401  (registers the custom objects for load_model)
 
 TIMEOUT = 300
+PROBE = str(ROOT / "tests" / "distribute_probe.py")
 
 
 def _free_ports(n):
@@ -26,49 +27,14 @@ def _free_ports(n):
     return ports
 
 
-def _train(data, out, *extra, env=None, epochs=2):
-    cmd = [sys.executable, str(ROOT / "train.py"), "-d", str(data), "-o", str(out), "-e", str(epochs), "-f", "4", "-q",
-           "--precision", "float32", "--deterministic", *extra]
-    return subprocess.run(cmd, env={**os.environ, **(env or {})}, timeout=TIMEOUT, capture_output=True, text=True)
-
-
-def _losses(run):
-    with open(run / "history.csv") as f:
-        return [(float(r["loss"]), float(r["val_loss"])) for r in csv.DictReader(f)]
-
-
-def test_mirrored_two_replicas_match_one_device(tiny_data, tmp_path):
-    one = _train(tiny_data, tmp_path / "one", "--strategy", "none", "--batch-size", "8", "--lr", "2e-3")
-    assert one.returncode == 0, one.stderr[-2000:]
-    mirrored = ("--strategy", "mirrored", "--cpu-replicas", "2", "--batch-size", "4", "--lr", "1e-3")
-    # Same global batch 8 and effective lr 2e-3; one epoch, then resumed for the second.
-    two = _train(tiny_data, tmp_path / "two", *mirrored, epochs=1)
-    assert two.returncode == 0, two.stderr[-2000:]
-    assert "2 replica(s), global batch 8" in two.stdout
-    two = _train(tiny_data, tmp_path / "two", *mirrored, "--resume")
-    assert two.returncode == 0, two.stderr[-2000:]
-    assert "resuming" in two.stdout
-    cfg = json.loads((tmp_path / "two" / "config.json").read_text())
-    assert cfg["replicas"] == 2 and cfg["global_batch_size"] == 8 and cfg["effective_lr"] == pytest.approx(2e-3)
-    # Each replica computed a different half of every batch: equal halves could not give the same loss.
-    assert len(_losses(tmp_path / "two")) == 2
-    for (a, va), (b, vb) in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two")):
-        assert a == pytest.approx(b, rel=2e-3) and va == pytest.approx(vb, rel=2e-3)
-
-
-def _run_workers(data, out, tmp_path, epochs, *extra):
-    """Two train.py worker processes on 127.0.0.1 with TF_CONFIG; returns their outputs."""
-    ports = _free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+def _run_together(cmds, envs, tmp_path):
+    """Start the commands at once (the workers of one cluster), wait for all; their outputs."""
     procs = []
     try:
-        for index in range(2):
-            tmp = tmp_path / f"tmp{index}"
+        for i, (cmd, env) in enumerate(zip(cmds, envs)):
+            tmp = tmp_path / f"tmp{i}"
             tmp.mkdir(exist_ok=True)
-            tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-            cmd = [sys.executable, str(ROOT / "train.py"), "-d", str(data), "-o", str(out), "-e", str(epochs),
-                   "-f", "4", "-q", "--precision", "float32", "--strategy", "multiworker", *extra]
-            procs.append(subprocess.Popen(cmd, env={**os.environ, "TF_CONFIG": tf_config, "TMPDIR": str(tmp)},
+            procs.append(subprocess.Popen(cmd, env={**os.environ, "TMPDIR": str(tmp), **env},
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
     finally:
@@ -81,15 +47,65 @@ def _run_workers(data, out, tmp_path, epochs, *extra):
     return outputs
 
 
+def _worker_envs():
+    """TF_CONFIG of two workers on 127.0.0.1."""
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    return [{"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})} for i in range(2)]
+
+
+def _seen(text):
+    return json.loads(next(line for line in text.splitlines() if line.startswith("SEEN "))[5:])
+
+
+def test_replicas_and_workers_see_disjoint_parts_of_every_batch(tmp_path):
+    """13 samples, global batch 4: the replicas (2 in one process, or 2 workers) split each batch between them,
+    none sees a sample twice, and together they see every sample once, the short last batch included."""
+    mirrored = _run_together([[sys.executable, PROBE, "mirrored", "2", "4", "13"]], [{}], tmp_path)
+    workers = _run_together([[sys.executable, PROBE, "multiworker", "0", "4", "13"]] * 2, _worker_envs(), tmp_path)
+    for steps in ([sum(s, []) for s in _seen(mirrored[0])],  # per step: the ids of both local replicas
+                  [a + b for a, b in zip(*[[sum(s, []) for s in _seen(w)] for w in workers])]):
+        assert [len(s) for s in steps] == [4, 4, 4, 1]
+        ids = sum(steps, [])
+        assert sorted(ids) == list(range(13)), steps
+    for replicas in _seen(mirrored[0])[:3]:  # full batches: two per replica, different ones
+        assert [len(r) for r in replicas] == [2, 2] and not set(replicas[0]) & set(replicas[1])
+
+
+def _train_cmd(data, out, epochs, *extra):
+    return [sys.executable, str(ROOT / "train.py"), "-d", str(data), "-o", str(out), "-e", str(epochs), *SMALL,
+            "--precision", "float32", *extra]
+
+
+def _losses(run):
+    with open(run / "history.csv") as f:
+        return [(float(r["loss"]), float(r["val_loss"])) for r in csv.DictReader(f)]
+
+
+def test_mirrored_two_replicas_match_one_device(tiny_data, tmp_path):
+    """48 training slices in global batches of 10 (the last one 8): two replicas of 5 give one device's losses."""
+    one, two = _run_together(
+        [_train_cmd(tiny_data, tmp_path / "one", 1, "--deterministic", "--strategy", "none", "--batch-size", "10",
+                    "--lr", "2e-3"),
+         _train_cmd(tiny_data, tmp_path / "two", 1, "--deterministic", "--strategy", "mirrored", "--cpu-replicas",
+                    "2", "--batch-size", "5", "--lr", "1e-3")], [{}, {}], tmp_path)
+    assert "2 replica(s), global batch 10" in two
+    cfg = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert cfg["replicas"] == 2 and cfg["global_batch_size"] == 10 and cfg["effective_lr"] == pytest.approx(2e-3)
+    (a, va), = _losses(tmp_path / "one")
+    (b, vb), = _losses(tmp_path / "two")
+    assert a == pytest.approx(b, rel=2e-3) and va == pytest.approx(vb, rel=2e-3)
+
+
 def test_two_workers_on_localhost_with_resume(tiny_data, tmp_path):
     run = tmp_path / "run"
-    first = _run_workers(tiny_data, run, tmp_path, 1)
+    first = _run_together([_train_cmd(tiny_data, run, 1, "--strategy", "multiworker")] * 2, _worker_envs(), tmp_path)
     assert all("2 replica(s), global batch 16" in text for text in first)
     model = keras.models.load_model(run / "model.keras")
-    assert model.output_shape == (None, 256, 128, 6)
+    assert model.output_shape == (None, 64, 32, 6)
     assert len(_losses(run)) == 1
     assert not any((tmp_path / "tmp1").iterdir())  # the non-chief's scratch run folder was removed
-    second = _run_workers(tiny_data, run, tmp_path, 2, "--resume")
+    second = _run_together([_train_cmd(tiny_data, run, 2, "--strategy", "multiworker", "--resume")] * 2,
+                           _worker_envs(), tmp_path)
     assert all("resuming" in text for text in second)
     assert len(_losses(run)) == 2
     # Metric variables are all-reduced: both workers logged the same global numbers.

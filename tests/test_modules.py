@@ -1,9 +1,10 @@
-"""modules.py: the U-Net's shape, Dice against hand-computed values, losses, save/load."""
+"""modules.py: the U-Net's shape, the Dice metric and the losses against hand-computed values, save/load."""
 import keras
 import numpy as np
 import pytest
 from keras import layers
 
+import evaluate
 import modules
 
 
@@ -23,8 +24,13 @@ def test_unet_architecture(classes, activation):
     assert _count(model, layers.BatchNormalization) == 9
     filters = [layer.filters for layer in model.layers if layer.name.endswith("_conv1")]
     assert filters == [8, 16, 32, 64, 128, 64, 32, 16, 8]
-    out = model.get_layer("mask")
-    assert out.kernel_size == (1, 1) and out.activation.__name__ == activation
+    logits = model.get_layer("logits")  # training works on logits ...
+    assert logits.kernel_size == (1, 1) and logits.activation.__name__ == "linear"
+    probs = modules.with_probabilities(model)  # ... the saved model outputs probabilities, with the same weights
+    assert probs.get_layer("mask").activation.__name__ == activation and probs.count_params() == model.count_params()
+    x = np.random.default_rng(0).random((2, 256, 128, 1)).astype(np.float32)
+    p = np.asarray(probs(x))
+    assert np.all((p >= 0) & (p <= 1)) and (classes == 1 or np.allclose(p.sum(-1), 1, atol=1e-5))
     enc = [layer for layer in model.layers if layer.name.startswith("enc1_")]
     assert [type(layer).__name__ for layer in enc] == ["Conv2D", "Conv2D", "FusedBatchNormalization", "MaxPooling2D"]
     bn = model.get_layer("enc1_bn")  # a subclass of Keras' layer: its weights and options
@@ -45,66 +51,86 @@ def test_output_layer_float32_under_mixed_precision():
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
         model = modules.build_unet((64, 32, 1), 6, 4)
         assert model.get_layer("enc1_conv1").compute_dtype == "bfloat16"
-        assert model.get_layer("mask").compute_dtype == "float32"
+        assert model.get_layer("logits").compute_dtype == "float32"
         assert model(np.zeros((1, 64, 32, 1), np.float32)).dtype == "float32"
     finally:
         keras.mixed_precision.set_global_policy(policy)
-
-
-def test_dice_per_class_hand_values():
-    truth = np.array([[1, 1, 0, 0], [2, 2, 0, 0]])
-    pred = np.array([[1, 0, 0, 0], [0, 0, 0, 3]])
-    d = modules.dice_per_class(truth, pred, [1, 2, 3, 4])
-    assert d[0] == pytest.approx(2 * 1 / (2 + 1))  # 0.667
-    assert d[1] == 0.0  # in truth, missed
-    assert d[2] == 0.0  # predicted, absent from truth
-    assert np.isnan(d[3])  # in neither: no Dice, left out of means
-    iou = modules.iou_per_class(truth, pred, [1, 2, 4])
-    assert iou[0] == pytest.approx(0.5) and iou[1] == 0 and np.isnan(iou[2])
 
 
 def test_dice_metric_matches_numpy_per_image_rule():
     rng = np.random.default_rng(0)
     truth = rng.integers(0, 3, (4, 16, 8))
     truth[0][truth[0] == 2] = 1  # class 2 absent from image 0's truth ...
-    probs = rng.random((4, 16, 8, 4)).astype(np.float32)
-    probs[..., 3] = 0  # ... class 3 predicted nowhere and in no truth: excluded everywhere
-    probs[0, ..., 2] = 0  # ... and not predicted in image 0 either
-    pred = probs.argmax(-1)
-    expected = np.array([modules.dice_per_class(t, p, [1, 2, 3]) for t, p in zip(truth, pred)])
+    logits = rng.normal(size=(4, 16, 8, 4)).astype(np.float32)
+    logits[..., 3] = -9  # ... class 3 predicted nowhere and in no truth: excluded everywhere
+    logits[0, ..., 2] = -9  # ... and not predicted in image 0 either
+    pred = logits.argmax(-1)
+    expected = np.array([evaluate.dice_per_class(t, p, [1, 2, 3]) for t, p in zip(truth, pred)])
     assert np.isnan(expected[:, 2]).all()
     per_class = np.nanmean(expected[:, :2], axis=0)
-    metric = modules.DiceScore(4)
-    metric.update_state(truth[..., None], probs)
-    assert float(metric.result()) == pytest.approx(per_class.mean(), abs=1e-6)
-    for c in (1, 2):
-        m = modules.DiceScore(4, class_id=c)
-        m.update_state(truth[:2, ..., None], probs[:2])
-        m.update_state(truth[2:, ..., None], probs[2:])  # streaming over batches
-        assert float(m.result()) == pytest.approx(per_class[c - 1], abs=1e-6)
+    metric = modules.DiceScores(["bg", "a", "b", "c"])
+    metric.update_state(truth[:2, ..., None], logits[:2])
+    metric.update_state(truth[2:, ..., None], logits[2:])  # streaming over batches
+    result = {k: float(v) for k, v in metric.result().items()}
+    assert result["dice"] == pytest.approx(per_class.mean(), abs=1e-6)
+    assert result["dice_a"] == pytest.approx(per_class[0], abs=1e-6)
+    assert result["dice_b"] == pytest.approx(per_class[1], abs=1e-6)
 
 
-def test_binary_dice_metric():
+def test_binary_dice_metric_on_logits():
     truth = np.zeros((2, 4, 4, 1), np.float32)
     truth[0, :2] = 1
-    pred = np.zeros((2, 4, 4, 1), np.float32)
-    pred[0, :1] = 0.9  # 4 of 8 found: Dice 2*4/12
-    metric = modules.DiceScore(1)
-    metric.update_state(truth, pred)  # image 1 empty in both: excluded
-    assert float(metric.result()) == pytest.approx(8 / 12)
+    logits = np.full((2, 4, 4, 1), -3.0, np.float32)
+    logits[0, :1] = 2.0  # 4 of 8 found: Dice 2*4/12
+    metric = modules.DiceScores(["bladder"])
+    metric.update_state(truth, logits)  # image 1 empty in both: excluded
+    result = metric.result()
+    assert float(result["dice"]) == pytest.approx(8 / 12) and float(result["dice_bladder"]) == pytest.approx(8 / 12)
+
+
+def _loss(terms="dice_ce", over="image"):
+    return lambda y, logits: modules.SegmentationLoss(terms, over).call(y, logits).numpy()
 
 
 def test_losses_are_low_for_perfect_and_high_for_wrong():
     labels = np.zeros((2, 8, 8, 1), np.int32)
     labels[:, 2:6, 2:6] = 5
-    perfect = keras.ops.one_hot(labels[..., 0], 6).numpy() * 0.998 + 0.0004
+    perfect = keras.ops.one_hot(labels[..., 0], 6).numpy() * 16 - 8  # confident logits
     wrong = np.roll(perfect, 1, axis=-1)
-    for loss in (modules.dice_loss, modules.dice_ce_loss, modules.cross_entropy):
-        good, bad = loss(labels, perfect).numpy(), loss(labels, wrong).numpy()
+    for terms in modules.LOSSES:
+        good, bad = _loss(terms)(labels, perfect), _loss(terms)(labels, wrong)
         assert good.shape == bad.shape == (2,)  # one value per image: Keras reduces and scales for replicas
         assert np.all(good < 0.05) and np.all(bad > good + 0.3)
     binary = (labels == 5).astype(np.float32)
-    assert np.all(modules.dice_ce_loss(binary, binary * 0.99 + 0.005).numpy() < 0.05)
+    assert np.all(_loss()(binary, binary * 16 - 8) < 0.05)
+
+
+def test_cross_entropy_from_logits_matches_keras_and_keeps_a_gradient_when_confidently_wrong():
+    import tensorflow as tf
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 6, (3, 8, 4, 1))
+    logits = rng.normal(size=(3, 8, 4, 6)).astype(np.float32)
+    keras_ce = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True).numpy().mean(axis=(1, 2))
+    np.testing.assert_allclose(_loss("ce")(labels, logits), keras_ce, rtol=1e-5)
+    np.testing.assert_allclose(_loss("dice_ce")(labels, logits), _loss("dice")(labels, logits) + keras_ce, rtol=1e-5)
+    # A pixel whose true class has p ~ e^-40: clipped probabilities gave it no gradient, log-softmax does.
+    wrong = np.zeros((1, 1, 1, 6), np.float32)
+    wrong[..., 1] = 40.0
+    x = tf.Variable(wrong)
+    with tf.GradientTape() as tape:
+        loss = modules.SegmentationLoss("ce").call(np.zeros((1, 1, 1, 1), np.int32), x)
+    grad = tape.gradient(loss, x).numpy()
+    assert grad[0, 0, 0, 0] == pytest.approx(-1.0, abs=1e-6) and grad[0, 0, 0, 1] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_dice_loss_hand_values_per_image_and_over_the_batch():
+    truth = np.zeros((2, 2, 2, 1), np.float32)
+    truth[0, 0, 0] = 1
+    logits = np.zeros((2, 2, 2, 1), np.float32)  # p = 0.5 everywhere
+    # image 0: (2 * 0.5 + 1) / (1 + 2 + 1) = 0.5; image 1 (empty): (0 + 1) / (0 + 2 + 1) = 1/3
+    np.testing.assert_allclose(_loss("dice")(truth, logits), [0.5, 2 / 3], rtol=1e-6)
+    # over the batch: (2 * 0.5 + 1) / (1 + 4 + 1) = 1/3, the same value for both images
+    np.testing.assert_allclose(_loss("dice", "batch")(truth, logits), [2 / 3, 2 / 3], rtol=1e-6)
 
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
@@ -150,34 +176,19 @@ def test_fused_batch_norm_falls_back_where_the_kernel_does_not_apply():
     assert modules.FusedBatchNormalization()._fused(keras.ops.zeros((2, 4, 4, 3)), None)
 
 
-def test_cross_entropy_matches_keras():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 6, (3, 8, 4, 1))
-    probs = keras.ops.softmax(rng.normal(size=(3, 8, 4, 6)).astype(np.float32)).numpy()
-    keras_ce = keras.losses.sparse_categorical_crossentropy(labels, probs).numpy().mean(axis=(1, 2))
-    np.testing.assert_allclose(modules.cross_entropy(labels, probs).numpy(), keras_ce, rtol=1e-5)
-    np.testing.assert_allclose(modules.dice_ce_loss(labels, probs).numpy(),
-                               modules.dice_loss(labels, probs).numpy() + keras_ce, rtol=1e-5)
-
-
-def test_dice_loss_hand_value():
-    truth = np.zeros((1, 2, 2, 1), np.float32)
-    truth[0, 0, 0] = 1
-    pred = np.full((1, 2, 2, 1), 0.5, np.float32)
-    # soft Dice = (2 * 0.5 + 1) / (1 + 2 + 1) = 0.5
-    assert modules.dice_loss(truth, pred).numpy() == pytest.approx([0.5])
-
-
 def test_save_load_round_trip_without_custom_objects(tmp_path):
     model = modules.build_unet((32, 16, 1), 6, 4)
-    model.compile("adam", modules.dice_ce_loss, metrics=modules.segmentation_metrics(6, [str(i) for i in range(6)]))
+    model.compile("adam", modules.SegmentationLoss(), metrics=modules.segmentation_metrics([str(i) for i in range(6)]))
+    model.optimizer.build(model.trainable_variables)
     x = np.random.default_rng(0).random((4, 32, 16, 1)).astype(np.float32)
     y = np.random.default_rng(1).integers(0, 6, (4, 32, 16, 1))
     model.fit(x, y, epochs=1, verbose=0)
-    modules.save_model(model, tmp_path / "model.keras")
-    assert [p.name for p in tmp_path.iterdir()] == ["model.keras"]  # no temporary left behind
-    loaded = keras.models.load_model(tmp_path / "model.keras")
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+    modules.save_model(model, tmp_path / "checkpoint.keras")
+    modules.save_model(modules.with_probabilities(model), tmp_path / "model.keras")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.keras", "model.keras"]  # no temporaries left
+    loaded = keras.models.load_model(tmp_path / "checkpoint.keras")
     assert loaded.optimizer.iterations.numpy() == model.optimizer.iterations.numpy() == 1
     scores = loaded.evaluate(x, y, verbose=0, return_dict=True)
     assert {"loss", "accuracy", "dice", "dice_5"} <= set(scores)
+    probs = keras.models.load_model(tmp_path / "model.keras", compile=False)
+    np.testing.assert_allclose(probs.predict(x, verbose=0), keras.ops.softmax(model.predict(x, verbose=0)), atol=1e-5)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dataset  # noqa: E402
 import synthetic  # noqa: E402
 
 NAME = re.compile(r"^(case|seg)_(\d{3})_week_(\d+)_slice_(\d+)\.nii\.gz$")
@@ -183,7 +184,8 @@ def test_prostate_only_in_middle_slices_and_bladder_changes_by_week(tiny):
 
 def test_label_shares_roughly_match_the_real_data(tiny):
     out, _ = tiny
-    shares = synthetic.label_shares(out, "train")
+    shares = dataset.label_shares(dataset.load_split(out, "train", use_cache=False, progress=False),
+                                  dataset.CLASS_NAMES)
     assert abs(sum(shares.values()) - 1) < 1e-9
     for name, target in TARGET_SHARES.items():
         assert target / 2 < shares[name] < target * 2, (name, shares[name])

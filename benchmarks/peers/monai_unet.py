@@ -1,0 +1,159 @@
+"""MONAI peer: a BasicUNet trained with DiceCE, Adam and paired flip/rotate/zoom augmentation (PyTorch).
+
+    python benchmarks/peers/monai_unet.py --data DIR --out OUT.npz --classes C --epochs E \
+        --batch-size B --base-filters F --seed S [--lr 1e-3]
+
+DIR holds train.npz, validate.npz and test.npz (`images` float32 (n, H, W) in [0, 1], `labels` uint8
+(n, H, W) in 0..C-1). Written the way a MONAI user typically would, with the library's defaults
+wherever the benchmark does not fix a setting. Runs in its own venv (benchmarks/peers/env.py).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, required=True, help="folder with train/validate/test.npz")
+    p.add_argument("--out", type=Path, required=True, help="result .npz")
+    p.add_argument("--classes", type=int, required=True, help="number of labels, background included")
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--base-filters", type=int, required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--lr", type=float, default=1e-3)
+    return p.parse_args(argv)
+
+
+def load_split(folder: Path, name: str, classes: int):
+    """(images, labels) of one split, or exit with a message naming the file and what is wrong."""
+    path = folder / f"{name}.npz"
+    if not path.is_file():
+        sys.exit(f"error: {path}: no such file")
+    with np.load(path) as z:
+        missing = {"images", "labels"} - set(z.files)
+        if missing:
+            sys.exit(f"error: {path}: missing array(s) {sorted(missing)} (has {z.files})")
+        images, labels = z["images"], z["labels"]
+    if images.ndim != 3 or images.shape != labels.shape:
+        sys.exit(f"error: {path}: images {images.shape} and labels {labels.shape} must both be (n, H, W)")
+    if images.shape[1] % 16 or images.shape[2] % 16:
+        sys.exit(f"error: {path}: H and W ({images.shape[1]}, {images.shape[2]}) must divide by 16")
+    if not np.issubdtype(labels.dtype, np.integer) or (labels.size and labels.max() >= classes):
+        sys.exit(f"error: {path}: labels must be integers in 0..{classes - 1} (dtype {labels.dtype})")
+    return images.astype(np.float32), labels.astype(np.uint8)
+
+
+def mean_foreground_dice(truth: np.ndarray, pred: np.ndarray, classes: int) -> float:
+    """Mean over foreground classes of the per-image Dice averaged over images.
+
+    An image where a class is in neither truth nor prediction says nothing about it and is skipped.
+    """
+    per_class = []
+    for c in range(1, classes):
+        t, p = truth == c, pred == c
+        total = t.sum(axis=(1, 2)) + p.sum(axis=(1, 2))
+        inter = np.logical_and(t, p).sum(axis=(1, 2))
+        if total.any():
+            per_class.append(np.mean(2.0 * inter[total > 0] / total[total > 0]))
+    return float(np.mean(per_class)) if per_class else float("nan")
+
+
+def save_result(path: Path, **arrays) -> None:
+    """np.savez to a temporary file beside `path`, then rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a plain open keeps the umask's permissions
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    splits = {name: load_split(args.data, name, args.classes) for name in ("train", "validate", "test")}
+
+    # Imported after the inputs are checked: torch and MONAI take seconds to load.
+    import torch
+    from monai.data import DataLoader, Dataset, set_track_meta
+    from monai.losses import DiceCELoss
+    from monai.networks.nets import BasicUNet
+    from monai.transforms import Compose, EnsureTyped, RandFlipd, RandRotated, RandZoomd
+    from monai.utils import set_determinism
+
+    set_determinism(seed=args.seed)  # seeds torch, numpy and random
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use
+    set_track_meta(False)  # plain tensors out of the transforms: no metadata bookkeeping per batch
+
+    f = args.base_filters
+    # Five encoder widths (full resolution down to 1/16) and the width after the last upsampling:
+    # f..16f per level like the project's U-Net.
+    model = BasicUNet(spatial_dims=2, in_channels=1, out_channels=args.classes,
+                      features=(f, 2 * f, 4 * f, 8 * f, 16 * f, f))
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+
+    keys = ["image", "label"]
+    # Dictionary transforms draw once per sample and apply that draw to image and label alike.
+    augment = Compose([
+        EnsureTyped(keys=keys, data_type="tensor", dtype=torch.float32),
+        RandFlipd(keys=keys, prob=0.5, spatial_axis=0),  # array axis 0 of (H, W): left-right
+        RandRotated(keys=keys, range_x=np.deg2rad(10.0), prob=1.0, mode=("bilinear", "nearest")),
+        RandZoomd(keys=keys, min_zoom=0.9, max_zoom=1.1, prob=1.0, mode=("bilinear", "nearest")),
+    ])
+    augment.set_random_state(seed=args.seed)
+    images, labels = splits["train"]
+    train_data = Dataset([{"image": x[None], "label": y[None]} for x, y in zip(images, labels)], transform=augment)
+    loader = DataLoader(train_data, batch_size=args.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(args.seed))
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        model.eval()
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(x), args.batch_size):
+                logits = model(torch.from_numpy(x[i:i + args.batch_size, None]))
+                out.append(torch.softmax(logits, dim=1).argmax(dim=1).numpy().astype(np.uint8))
+        return np.concatenate(out)
+
+    val_dice, best, best_state = [], -np.inf, None
+    start = time.perf_counter()
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        total, seen = 0.0, 0
+        for batch in loader:
+            optimizer.zero_grad()
+            loss = loss_fn(model(batch["image"]), batch["label"])
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch["image"])
+            seen += len(batch["image"])
+        dice = mean_foreground_dice(splits["validate"][1], predict(splits["validate"][0]), args.classes)
+        val_dice.append(dice)
+        if best_state is None or dice > best:  # a NaN Dice never wins over an earlier epoch
+            best, best_epoch = dice, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        print(f"epoch {epoch}/{args.epochs}  loss {total / seen:.4f}  val_dice {dice:.4f}  "
+              f"{time.perf_counter() - t0:.1f}s", flush=True)
+    seconds = time.perf_counter() - start
+
+    model.load_state_dict(best_state)
+    test_pred = predict(splits["test"][0])
+    save_result(args.out, test_pred=test_pred, val_dice=np.array(val_dice, dtype=np.float64),
+                best_epoch=np.int64(best_epoch), seconds=np.float64(seconds))
+    print(f"best epoch {best_epoch} (val_dice {best:.4f}), {seconds:.1f}s training; wrote {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

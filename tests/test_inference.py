@@ -1,0 +1,132 @@
+"""predict.py --input on 2D and 3D files: orientation, spacing and field of view undone exactly, the output files,
+the --axis override, and a real 3D MRI volume (the MNI152 T1 template from the nilearn wheel) end to end."""
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import ROOT
+
+import inference
+import predict
+from preprocess import resize_labels
+
+
+def _canonical(tiny_data):
+    """A phantom test volume as a 3D RAS scan: 256 x 128 pixels of 1 mm, 8 slices 3 mm apart."""
+    files = sorted((tiny_data / "keras_slices_test").glob("case_*"))
+    first = files[0].name.split("_slice_")[0]
+    slices = [np.squeeze(nib.load(f).get_fdata(dtype=np.float32)) for f in files if f.name.startswith(first)]
+    return np.stack(slices, axis=-1), np.diag([1.0, 1.0, 3.0, 1.0])
+
+
+def _variants(volume, affine):
+    """(name, data, affine, function bringing a mask of that file back onto the canonical grid)."""
+    rows, cols, n = volume.shape
+    flip = np.array([[-1, 0, 0, rows - 1], [0, -1, 0, cols - 1], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    lps = affine @ flip  # the array flipped along axes 0 and 1, its affine saying so: the same anatomy, stored LPS
+    perm = affine[:, [2, 0, 1, 3]]  # slices first
+    angle = np.deg2rad(20)
+    rot = np.eye(4)
+    rot[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    fine = affine @ np.diag([0.8, 0.8, 1.0, 1.0])  # 0.8 mm pixels, the same field of view
+    fine_data = np.stack([resize_image_linear(volume[..., k], (320, 160)) for k in range(n)], -1)
+    wide = affine.copy()
+    wide[:2, 3] = [-64, -32]  # 64 and 32 mm more on each side
+    # Air around the body: each slice padded with its own background level (its minimum).
+    wide_data = np.stack([np.pad(volume[..., k], ((64, 64), (32, 32)), constant_values=float(volume[..., k].min()))
+                          for k in range(n)], -1)
+    return [("ras", volume, affine, lambda m: m),
+            ("lps", volume[::-1, ::-1].copy(), lps, lambda m: m[::-1, ::-1]),
+            ("slices_first", np.moveaxis(volume, 2, 0).copy(), perm, lambda m: np.moveaxis(m, 0, 2)),
+            ("oblique", volume, rot @ affine, lambda m: m),
+            ("spacing_0.8mm", fine_data, fine, lambda m: np.stack([resize_labels(m[..., k], (rows, cols))
+                                                                   for k in range(n)], -1)),
+            ("wider_fov", wide_data, wide, lambda m: m[64:-64, 32:-32])]
+
+
+def resize_image_linear(image, size):
+    import cv2
+    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def test_orientations_spacings_and_fields_of_view_give_the_canonical_mask(tiny_run, tiny_data, tmp_path, capsys):
+    volume, affine = _canonical(tiny_data)
+    variants = _variants(volume, affine)
+    paths = []
+    for name, data, aff, _ in variants:
+        paths.append(tmp_path / "in" / f"{name}.nii.gz")
+        paths[-1].parent.mkdir(exist_ok=True)
+        nib.save(nib.Nifti1Image(data, aff), paths[-1])
+    out = tmp_path / "out"
+    assert predict.main(["--run", str(tiny_run), "--input", *map(str, paths), "--output-dir", str(out), "-q"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any("slices_first.nii.gz: 8x256x128 SRA, 8 slice(s) along axis 0" in line for line in lines), lines
+    assert any("spacing_0.8mm.nii.gz" in line and "resampled x[0.2, 0.2]" in line for line in lines), lines
+    canonical = np.asanyarray(nib.load(out / "ras_mask.nii.gz").dataobj)
+    assert len(np.unique(canonical)) >= 3, "the session's model should find several labels"
+    for (name, data, aff, back), path in zip(variants, paths):
+        written = nib.load(out / f"{name}_mask.nii.gz")
+        assert written.shape == data.shape and np.allclose(written.affine, aff, atol=1e-5)
+        assert written.header.get_intent()[0] == "label" and written.get_data_dtype() == np.uint8
+        source = nib.load(path)
+        for code in ("qform_code", "sform_code"):
+            assert written.header[code] == source.header[code]
+        agreement = (back(np.asanyarray(written.dataobj)) == canonical).mean()
+        minimum = 0.97 if name in ("spacing_0.8mm", "wider_fov") else 0.99
+        assert agreement >= minimum, (name, agreement)
+
+
+def test_probabilities_uncertainty_preview_and_the_axis_override(tiny_run, tiny_data, tmp_path, capsys):
+    volume, affine = _canonical(tiny_data)
+    path = tmp_path / "scan.nii"
+    nib.save(nib.Nifti1Image(volume, affine), path)
+    flat = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(volume[..., 3:4], affine), flat)  # one slice, (256, 128, 1)
+    out = tmp_path / "out"
+    assert predict.main(["--run", str(tiny_run), "--input", str(path), str(flat), "--output-dir", str(out),
+                         "--save-probabilities", "--save-uncertainty", "--preview", "-q"]) == 0
+    probs = nib.load(out / "scan_probabilities.nii").get_fdata(dtype=np.float32)
+    assert probs.shape == (*volume.shape, 6) and probs.min() >= 0 and probs.max() <= 1
+    np.testing.assert_allclose(probs.sum(-1), 1, atol=1e-4)
+    unsure = nib.load(out / "scan_uncertainty.nii").get_fdata(dtype=np.float32)
+    assert unsure.shape == volume.shape and 0 <= unsure.min() and unsure.max() <= 1 and unsure.std() > 0
+    mask = np.asanyarray(nib.load(out / "scan_mask.nii").dataobj)
+    np.testing.assert_array_equal(mask, inference.labels_of(probs))
+    # A volume is segmented slice by slice: its slice 3 gets the labels of the same slice on its own.
+    np.testing.assert_array_equal(mask[..., 3], np.asanyarray(nib.load(out / "slice_mask.nii.gz").dataobj)[..., 0])
+    assert (out / "scan_mask.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert predict.main(["--run", str(tiny_run), "--input", str(path), "--output-dir", str(tmp_path / "axis"),
+                         "--axis", "2", "-q"]) == 0
+    assert "warning: --axis 2" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.asanyarray(nib.load(tmp_path / "axis" / "scan_mask.nii").dataobj), mask)
+
+
+def test_entropy_and_largest_part():
+    probs = np.array([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]], np.float32)
+    np.testing.assert_allclose(inference.entropy(probs), [0, 1], atol=1e-5)
+    np.testing.assert_allclose(inference.entropy(np.array([[0.5], [1.0]], np.float32)), [1, 0], atol=1e-5)
+    labels = np.zeros((3, 8, 8), np.uint8)
+    labels[:, 1:4, 1:4] = 3  # 27 voxels
+    labels[1, 6, 6] = 3  # a stray voxel of the same organ
+    labels[0, 6, 0] = 2  # another label, untouched
+    kept = inference.keep_largest(labels, [3])
+    assert kept[1, 6, 6] == 0 and (kept == 3).sum() == 27 and kept[0, 6, 0] == 2
+
+
+def test_a_real_mri_volume_runs_end_to_end(tiny_run, tmp_path):
+    """The MNI152 2009a T1 (197 x 233 x 189, 1 mm, RAS), shipped inside the nilearn wheel, through --input."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import real_anatomy
+    try:
+        t1 = real_anatomy.template_file(tmp_path / "work", "t1")
+    except subprocess.CalledProcessError as e:
+        pytest.skip(f"the nilearn wheel could not be downloaded here ({e}); this test needs the package registry")
+    out = tmp_path / "out"
+    assert predict.main(["--run", str(tiny_run), "--input", str(t1), "--output-dir", str(out), "-q"]) == 0
+    scan, mask = nib.load(t1), nib.load(out / "mni_icbm152_t1_tal_nlin_sym_09a_converted_mask.nii.gz")
+    assert mask.shape == scan.shape == (197, 233, 189) and np.allclose(mask.affine, scan.affine)
+    labels = np.asanyarray(mask.dataobj)
+    assert labels.dtype == np.uint8 and labels.max() <= 5
