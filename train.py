@@ -54,10 +54,10 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate for one replica")
     p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam",
                    help="adam; adamw (weight decay 1e-4); sgd (Nesterov momentum 0.99, as nnU-Net)")
-    p.add_argument("--schedule", choices=["plateau", "cosine", "poly"], default="plateau",
+    p.add_argument("--schedule", choices=["plateau", "cosine", "poly"], default="cosine",
                    help="plateau: constant, halved after --patience epochs without a better val_dice; cosine or "
                         "poly (power 0.9): decay to 0 over the run, after --warmup epochs of linear warm-up")
-    p.add_argument("--warmup", type=float, default=0, help="epochs of linear warm-up for cosine and poly")
+    p.add_argument("--warmup", type=float, default=1, help="epochs of linear warm-up for cosine and poly")
     p.add_argument("-f", "--base-filters", type=int, default=16, help="filters of the first level (64 = classic U-Net)")
     p.add_argument("-t", "--target", default="all",
                    help="'all' for every label (softmax) or labels for a binary target, e.g. 'prostate'")
@@ -65,7 +65,7 @@ def parse_args(argv=None):
                    help="comma-separated names of the mask labels 0..N-1")
     p.add_argument("--num-classes", type=int, default=None, help="labels in the masks (default: len(class names))")
     p.add_argument("--size", default="256x128", help="network input ROWSxCOLS; both divisible by 16")
-    p.add_argument("--norm", choices=list(NORMS), default="minmax", help="per-image intensity scaling")
+    p.add_argument("--norm", choices=list(NORMS), default="percentile", help="per-image intensity scaling")
     p.add_argument("--fit", choices=list(FITS), default="resize",
                    help="how a slice meets the network size: resize (squash) or crop (centre pad or crop; "
                         "prediction then covers larger slices with overlapping tiles)")

@@ -309,7 +309,7 @@ def table(res: dict) -> str:
         rows += [(f"load {ld['pairs']} pairs: naive nibabel loop (median)", f"{ld['naive_pairs_per_s']:.0f} pairs/s",
                   f"1.0x; {each('naive_rounds')}"),
                  ("load: project loader, cold (no cache)", f"{ld['cold_pairs_per_s']:.0f} pairs/s",
-                  f"{ld['cold_vs_naive']:.1f}x; {each('cold_rounds')}; nibabel on a thread pool"),
+                  f"{ld['cold_vs_naive']:.1f}x; {each('cold_rounds')}; nibabel; threads, or 2 processes for splits of 2,000+ pairs"),
                  ("load: project loader, warm (cache)", f"{ld['warm_pairs_per_s']:.0f} pairs/s",
                   f"{ld['warm_vs_naive']:.0f}x; {each('warm_rounds')}"),
                  ("load: peak memory, cold", f"{ld['cold_peak_rss_mb']:.0f} MiB",

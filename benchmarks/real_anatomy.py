@@ -255,7 +255,7 @@ def main(argv=None) -> int:
     folders = write_data(a.work, a.variation)
     n_train = json.loads((folders["full"] / "done.json").read_text())["counts"]["train"]
     epochs = {"full": a.epochs_full, "few": round(a.epochs_full * n_train / FEW)}  # the same optimiser steps
-    rows = json.loads(a.out.read_text())["rows"] if a.out.exists() else []
+    rows = []
     for regime in a.regimes.split(","):
         for system in a.systems.split(","):
             name = a.label if system == "ours" else system
@@ -271,6 +271,7 @@ def main(argv=None) -> int:
                       flush=True)
             row = {"system": name, "variation": a.variation, "regime": regime, "epochs": epochs[regime],
                    "flags": a.ours_flags if system == "ours" else "", **summary(results), "runs": results}
+            rows = json.loads(a.out.read_text())["rows"] if a.out.exists() else []  # another run may have written
             rows = [r for r in rows if (r["system"], r["variation"], r["regime"]) != (name, a.variation, regime)]
             rows.append(row)
             atomic_write_json(a.out, {"classes": CLASSES, "size": a.size, "base_filters": a.base_filters,

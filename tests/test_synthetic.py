@@ -235,3 +235,19 @@ def test_cli_and_preview(tiny, tmp_path):
     out, _ = tiny
     assert synthetic.main(["--out", str(out), "--preset", "tiny", "--preview", str(tmp_path / "p.png"), "-q"]) == 0
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scans_are_the_test_volumes_stored_lps_slices_first(tiny_data, tmp_path):
+    """synthetic.py --scans: each test case-week as one 3D file, LPS with the slices first; brought back to RAS
+    with nibabel, it is the stack of its slices (slice 0, the top of the scan, highest)."""
+    refs = defaultdict(list)
+    for ref in dataset.list_split(tiny_data, "test"):
+        refs[ref.volume].append(ref)
+    paths = synthetic.write_scans(tiny_data, tmp_path)
+    assert sorted(p.name for p in paths) == sorted(f"{v}.nii.gz" for v in refs)
+    for path in paths:
+        scan = nib.load(path)
+        assert nib.aff2axcodes(scan.affine) == ("S", "L", "P")
+        slices = [np.squeeze(nib.load(r.image).get_fdata()) for r in refs[path.name[:-len(".nii.gz")]]]
+        np.testing.assert_array_equal(nib.as_closest_canonical(scan).get_fdata(), np.stack(slices, -1)[..., ::-1])
+        assert np.allclose(nib.affines.voxel_sizes(scan.affine), (3.0, 1.0, 1.0))

@@ -60,13 +60,16 @@ def test_binary_target(tiny_data, tmp_path):
     assert model.output_shape == (None, 64, 32, 1)
     assert model.get_layer("mask").activation.__name__ == "sigmoid"
     assert "val_dice_bladder" in _history(out)[0]
+    # The default cosine schedule spans the run's epochs: a resume asking for more is refused, naming them.
+    with pytest.raises(SystemExit, match="epochs"):
+        train.main(["-d", str(tiny_data), "-o", str(out), "-e", "2", *SMALL, "--target", "bladder", "--resume"])
 
 
 def test_gpu_settings_mixed_float16_and_xla_run_on_the_cpu(tiny_data, tmp_path):
     """What auto picks on a GPU (mixed float16, XLA, the fused batch norm, a float32 output) is the same code
     as here; this runs it on the CPU, where XLA is slow but works, so the GPU path is not untested code."""
     out = tmp_path / "gpu-settings"
-    args = ["-d", str(tiny_data), "-o", str(out), *SMALL, "--precision", "mixed_float16"]
+    args = ["-d", str(tiny_data), "-o", str(out), *SMALL, "--precision", "mixed_float16", "--schedule", "plateau"]
     assert train.main(args + ["-e", "1", "--jit", "on"]) == 0
     with warnings.catch_warnings(record=True) as caught:  # the loss-scale optimizer's state comes back whole
         warnings.simplefilter("always")  # (without XLA: compiling the step on the CPU takes half a minute)
@@ -87,7 +90,7 @@ def test_gpu_settings_mixed_float16_and_xla_run_on_the_cpu(tiny_data, tmp_path):
 def one_epoch(tiny_data, tmp_path_factory):
     """A finished 1-epoch float32 run; each resume test works on its own copy."""
     out = tmp_path_factory.mktemp("one-epoch") / "run"
-    assert train.main(["-d", str(tiny_data), "-o", str(out), "-e", "1", *SMALL, "--precision", "float32"]) == 0
+    assert train.main(_args(tiny_data, out) + ["-e", "1"]) == 0
     return out
 
 
@@ -96,7 +99,8 @@ def _copy(run, tmp_path):
 
 
 def _args(tiny_data, out):
-    return ["-d", str(tiny_data), "-o", str(out), *SMALL, "--precision", "float32"]
+    """A constant rate (plateau), so that a resume may extend the run; cosine and poly fix the epoch count."""
+    return ["-d", str(tiny_data), "-o", str(out), *SMALL, "--precision", "float32", "--schedule", "plateau"]
 
 
 def test_resume_continues_at_the_next_epoch_and_refuses_changed_settings(tiny_data, one_epoch, tmp_path, capsys):
