@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 import geometry
-from preprocess import Preprocessing, normalise_image, resize_image
+from preprocess import Preprocessing, normalise_image, preprocess_image
 
 SPACING_TOLERANCE = 0.05  # slices whose pixel spacing is within 5% of the network's are not resampled
 # Tiles overlap by 3/4 (nnU-Net: 1/2): a field of view padded around the training one then has a tile that sees
@@ -57,12 +57,16 @@ class Predictor:
 
     def slices(self, raw: np.ndarray, spacing=None, name: str = "") -> tuple[np.ndarray, dict]:
         """Probabilities (n, rows, cols, K) of raw slices (n, rows, cols) of one pixel spacing, and what was done."""
-        images = np.stack([normalise_image(s, self.prep.norm) for s in raw])
         done = {"slices": len(raw), "shape": list(raw.shape[1:]), "resampled": None, "tiles": 1}
-        if self.spacing is None or spacing is None:  # no geometry known: the whole slice resized, as training did
-            inputs = np.stack([resize_image(s, self.prep.size) for s in images])[..., None]
+        if (self.spacing is None or spacing is None) and self.prep.fit == "resize":
+            # No geometry known: the whole slice fitted as training fitted it (preprocess_image), and back.
+            inputs = np.stack([preprocess_image(s, self.prep) for s in raw])[..., None]
             back = geometry.resample_slices(self._batched(inputs), size=raw.shape[1:], interpolation="linear")
             return back.reshape(*raw.shape, -1), {**done, "fit": "resize"}
+        images = np.stack([normalise_image(s, self.prep.norm) for s in raw])
+        if self.spacing is None or spacing is None:  # --fit crop: the file's pixels are taken as training's
+            probs, done["tiles"], done["centred"] = self._cover(images)
+            return probs, {**done, "fit": "tiles"}
         factors = [s / t for s, t in zip(spacing, self.spacing)]
         if max(abs(f - 1) for f in factors) <= SPACING_TOLERANCE:
             factors = None

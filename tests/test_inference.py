@@ -10,7 +10,7 @@ from conftest import ROOT
 
 import inference
 import predict
-from preprocess import resize_labels
+from preprocess import Preprocessing, resize_labels
 
 
 def _canonical(tiny_data):
@@ -132,3 +132,30 @@ def test_a_real_mri_volume_runs_end_to_end(tiny_run, tmp_path):
     assert mask.shape == scan.shape == (197, 233, 189) and np.allclose(mask.affine, scan.affine)
     labels = np.asanyarray(mask.dataobj)
     assert labels.dtype == np.uint8 and labels.max() <= 5
+
+
+class _ShapeModel:
+    """A stand-in model: records the input shapes it is given; probability 1 for label 1 where the input is bright."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def predict_on_batch(self, batch):
+        self.shapes.append(batch.shape[1:3])
+        bright = (batch[..., 0] > 0.5).astype(np.float32)
+        return np.stack([1 - bright, bright], -1)
+
+
+@pytest.mark.parametrize("fit", ["resize", "crop"])
+def test_without_geometry_slices_are_fitted_as_training_fitted_them(fit):
+    """No pixel spacing known (an old run, or a file without an affine): a crop-trained model must get the
+    file's own pixels, never a squashed slice; a resize-trained one gets the slice resized, as in training."""
+    raw = np.zeros((1, 64, 40), np.float32)
+    raw[0, 20:40, 8:24] = 100.0
+    model = _ShapeModel()
+    probs, done = inference.Predictor(model, Preprocessing(size=(32, 32), fit=fit, num_classes=2)).slices(raw)
+    assert probs.shape == (1, 64, 40, 2)
+    assert all(shape == (32, 32) for shape in model.shapes)
+    assert done["fit"] == ("resize" if fit == "resize" else "tiles")
+    labels = inference.labels_of(probs)[0]
+    assert labels[20:40, 8:24].mean() > 0.9 and labels.sum() < 1.2 * 20 * 16
