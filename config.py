@@ -17,7 +17,7 @@ REQUIRED = ("input_size", "target_ids", "channel_names", "class_names", "num_cla
 # What the checkpoint keeps for itself (weights' shapes, loss, learning rate, layer precision) or what
 # predict.py reads: a resume that changed one of these would be recorded but not done.
 RESUME_KEYS = ("target_ids", "input_size", "base_filters", "num_classes", "class_names", "preprocessing", "data",
-               "seed", "global_batch_size", "loss", "dice_over", "optimizer", "schedule", "warmup", "augment",
+               "seed", "global_batch_size", "loss", "dice_over", "optimizer", "schedule", "warmup", "ema", "augment",
                "effective_lr", "precision")
 
 

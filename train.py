@@ -58,6 +58,9 @@ def parse_args(argv=None):
                    help="plateau: constant, halved after --patience epochs without a better val_dice; cosine or "
                         "poly (power 0.9): decay to 0 over the run, after --warmup epochs of linear warm-up")
     p.add_argument("--warmup", type=float, default=1, help="epochs of linear warm-up for cosine and poly")
+    p.add_argument("--ema", type=float, default=0.1,
+                   help="validate and keep a moving average of the weights over about this share of the run's "
+                        "steps (0: off)")
     p.add_argument("-f", "--base-filters", type=int, default=16, help="filters of the first level (64 = classic U-Net)")
     p.add_argument("-t", "--target", default="all",
                    help="'all' for every label (softmax) or labels for a binary target, e.g. 'prostate'")
@@ -135,11 +138,14 @@ def make_optimizer(args, lr: float, steps_per_epoch: int):
                                                         warmup_target=lr if warmup else None, warmup_steps=warmup)
         else:
             lr = WarmupPoly(lr, total, warmup)
+    # --ema 0.1 averages over about the last tenth of the steps, whatever the data set's size.
+    ema = dict(use_ema=True, ema_momentum=1.0 - 1.0 / max(1.0, args.ema * args.epochs * steps_per_epoch)) \
+        if args.ema else {}
     if args.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=0.99, nesterov=True)
+        return keras.optimizers.SGD(lr, momentum=0.99, nesterov=True, **ema)
     if args.optimizer == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=1e-4)
-    return keras.optimizers.Adam(lr)
+        return keras.optimizers.AdamW(lr, weight_decay=1e-4, **ema)
+    return keras.optimizers.Adam(lr, **ema)
 
 
 @keras.saving.register_keras_serializable(modules.PACKAGE)
@@ -232,13 +238,27 @@ class RunState(keras.callbacks.Callback):
                            for name, cb in self.others.items()}
         atomic_write_json(self.out / "state.json", st)  # commit point
         if improved:
-            modules.save_model(modules.with_probabilities(self.model), self.out / "model.keras")
+            save_best(self.model, self.out / "model.keras")
         if old.exists():
             old.unlink()
         write_history_csv(self.out / "history.csv", st["history"])
         per_class = " ".join(f"{n} {row.get('val_dice_' + n, float('nan')):.3f}" for n in self.summary_names)
         print(f"epoch {epoch + 1}/{self.params['epochs']} loss {row['loss']:.4f} val_loss {row['val_loss']:.4f} "
               f"val_dice {row[MONITOR]:.4f} | {per_class} | lr {row['learning_rate']:.2e} {row['seconds']:.0f}s", flush=True)
+
+
+def save_best(model, path: Path) -> None:
+    """model.keras: the model as validated, i.e. with the weights' moving average under --ema."""
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+    if not optimizer.use_ema:
+        modules.save_model(modules.with_probabilities(model), path)
+        return
+    weights = model.trainable_variables
+    trained = [keras.ops.convert_to_numpy(w) for w in weights]
+    optimizer.finalize_variable_values(weights)  # the averages into the model, as SwapEMAWeights validates
+    modules.save_model(modules.with_probabilities(model), path)
+    for w, t in zip(weights, trained):  # training goes on from the trained weights
+        w.assign(t)
 
 
 def early_stopped(state: dict, patience: int) -> bool:
@@ -317,16 +337,17 @@ def train(args) -> dict:
             # The optimizer's variables made now, not in fit's first step: Keras then traces the step once, not
             # twice (~5 s less before the first batch here, at any model size).
             model.optimizer.build(model.trainable_variables)
+        model.jit_compile = jit  # a checkpoint brings back its own run's setting; this run's --jit decides
     out.mkdir(parents=True, exist_ok=True)
     config.write(out, cfg)
     if state and state["best_epoch"] == state["epoch"] + 1:
         # The last finished epoch was the best, and a kill may have come between state.json and model.keras:
         # the checkpoint just loaded is that model, so write it again.
-        modules.save_model(modules.with_probabilities(model), out / "model.keras")
+        save_best(model, out / "model.keras")
     initial_epoch = state["epoch"] + 1 if state else 0
     gbs = cfg["global_batch_size"]
     print(f"{len(train_data)} train / {len(val_data)} validation slices from {data_dir}; "
-          f"{model.count_params():,} parameters; {precision}; xla {jit}; {strategy.num_replicas_in_sync} replica(s), "
+          f"{model.count_params():,} parameters; {precision}; xla {model.jit_compile}; {strategy.num_replicas_in_sync} replica(s), "
           f"global batch {gbs}, lr {cfg['effective_lr']:g} (= {args.lr:g} x replicas)", flush=True)
     if initial_epoch >= args.epochs:
         print(f"{out} already finished {initial_epoch} epochs; nothing to do (raise --epochs to train more)")
@@ -353,6 +374,8 @@ def train(args) -> dict:
         others["early_stopping"] = keras.callbacks.EarlyStopping(MONITOR, mode="max", patience=args.early_stopping,
                                                                  verbose=1)
     run_state = RunState(out, others, state, names[1:] if channels > 1 else names)
+    if args.ema:  # validation (and so the best model) with the averaged weights
+        others["ema"] = keras.callbacks.SwapEMAWeights()
     logs = [keras.callbacks.TensorBoard(str(out / "logs"), write_graph=False, profile_batch=0)] if args.tensorboard else []
     start = time.perf_counter()
     model.fit(train_ds, epochs=args.epochs, initial_epoch=initial_epoch,

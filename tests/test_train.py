@@ -65,16 +65,19 @@ def test_binary_target(tiny_data, tmp_path):
         train.main(["-d", str(tiny_data), "-o", str(out), "-e", "2", *SMALL, "--target", "bladder", "--resume"])
 
 
-def test_gpu_settings_mixed_float16_and_xla_run_on_the_cpu(tiny_data, tmp_path):
+def test_gpu_settings_mixed_float16_and_xla_run_on_the_cpu(tiny_data, tmp_path, capsys):
     """What auto picks on a GPU (mixed float16, XLA, the fused batch norm, a float32 output) is the same code
     as here; this runs it on the CPU, where XLA is slow but works, so the GPU path is not untested code."""
     out = tmp_path / "gpu-settings"
     args = ["-d", str(tiny_data), "-o", str(out), *SMALL, "--precision", "mixed_float16", "--schedule", "plateau"]
     assert train.main(args + ["-e", "1", "--jit", "on"]) == 0
+    assert "xla True" in capsys.readouterr().out
     with warnings.catch_warnings(record=True) as caught:  # the loss-scale optimizer's state comes back whole
-        warnings.simplefilter("always")  # (without XLA: compiling the step on the CPU takes half a minute)
+        warnings.simplefilter("always")
         assert train.main(args + ["-e", "2", "--resume", "--jit", "off"]) == 0
     assert not [w for w in caught if "Skipping variable loading" in str(w.message)]
+    # The checkpoint was compiled with XLA; the resume's --jit off holds (compiling again costs a minute here).
+    assert "xla False" in capsys.readouterr().out
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["precision"] == "mixed_float16"
     assert [r["epoch"] for r in _history(out)] == ["1", "2"]
@@ -99,8 +102,10 @@ def _copy(run, tmp_path):
 
 
 def _args(tiny_data, out):
-    """A constant rate (plateau), so that a resume may extend the run; cosine and poly fix the epoch count."""
-    return ["-d", str(tiny_data), "-o", str(out), *SMALL, "--precision", "float32", "--schedule", "plateau"]
+    """A constant rate (plateau), so that a resume may extend the run; cosine and poly fix the epoch count.
+    --ema 1: the weights' average spans the whole run (6 steps an epoch), so it differs from the trained weights."""
+    return ["-d", str(tiny_data), "-o", str(out), *SMALL, "--precision", "float32", "--schedule", "plateau",
+            "--ema", "1"]
 
 
 def test_resume_continues_at_the_next_epoch_and_refuses_changed_settings(tiny_data, one_epoch, tmp_path, capsys):
@@ -117,7 +122,8 @@ def test_resume_continues_at_the_next_epoch_and_refuses_changed_settings(tiny_da
     # The checkpoint keeps its loss, learning rate and precision: a resume may not claim to have changed them.
     for flag, key in ((["--loss", "dice"], "loss"), (["--lr", "1e-3"], "effective_lr"),
                       (["--precision", "mixed_bfloat16"], "precision"),
-                      (["--class-names", "bg,a,b,c,d,e"], "class_names"), (["--norm", "zscore"], "preprocessing")):
+                      (["--class-names", "bg,a,b,c,d,e"], "class_names"), (["--norm", "zscore"], "preprocessing"),
+                      (["--ema", "0"], "ema")):
         with pytest.raises(SystemExit, match=key):
             train.main(args + ["-e", "3", "--resume", *flag])
 
@@ -133,13 +139,30 @@ def test_resume_compares_the_effective_learning_rate(tiny_data, one_epoch, tmp_p
         train.main(_args(tiny_data, out) + ["-e", "2", "--resume", "--batch-size", "8"])
 
 
+def _averaged(run):
+    """The last checkpoint's weights with its optimizer's moving averages put in (the --ema weights)."""
+    state = json.loads((run / "state.json").read_text())
+    model = keras.models.load_model(run / state["checkpoint"])
+    model.optimizer.finalize_variable_values(model.trainable_variables)
+    return model.get_weights()
+
+
+def test_best_model_holds_the_averaged_weights_and_the_checkpoint_the_trained_ones(one_epoch):
+    """--ema validates the averaged weights, so model.keras holds them; the checkpoint keeps the trained weights
+    and the averages apart (a resume goes on from exactly where training was)."""
+    best = keras.models.load_model(one_epoch / "model.keras").get_weights()
+    for a, b in zip(best, _averaged(one_epoch)):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(best, _final_weights(one_epoch)))
+
+
 def test_resume_writes_the_best_model_a_kill_cut_off(tiny_data, one_epoch, tmp_path):
     # state.json commits an epoch before the best model is written; a kill between the two loses model.keras.
     out = _copy(one_epoch, tmp_path)
     (out / "model.keras").unlink()
     assert train.main(_args(tiny_data, out) + ["-e", "1", "--resume"]) == 0  # nothing to train; the model comes back
     state = json.loads((out / "state.json").read_text())
-    for a, b in zip(keras.models.load_model(out / "model.keras").get_weights(), _final_weights(out)):
+    for a, b in zip(keras.models.load_model(out / "model.keras").get_weights(), _averaged(out)):
         np.testing.assert_array_equal(a, b)
     assert state["best_epoch"] == 1
 
