@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ def split_cpu(replicas: int) -> None:
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
 
 
+@functools.cache  # one per process: TensorFlow's devices and a worker's cluster are set up once
 def make_strategy(name: str = "auto", cpu_replicas: int = 0):
     """Return (strategy, is_chief). auto: MirroredStrategy over all GPUs when there are several."""
     gpus = tf.config.list_physical_devices("GPU")

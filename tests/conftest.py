@@ -18,6 +18,11 @@ TINY_RUN_FLAGS = ["-f", "8", "--size", "64x32", "--fit", "resize", "-q", "--prec
                   "--schedule", "cosine", "--warmup", "1", "--lr", "5e-3", "--ema", "0"]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One thread per TensorFlow process: pytest-xdist already runs a worker per core, and the tests' subprocesses
+# inherit this (several processes each spreading ops over every core only thrash).
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Keep test caches out of the user's ~/.cache.
 os.environ["HIPMRI_CACHE"] = tempfile.mkdtemp(prefix="hipmri-test-cache-")
 

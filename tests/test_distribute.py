@@ -53,22 +53,23 @@ def _worker_envs():
     return [{"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})} for i in range(2)]
 
 
-def _seen(text):
-    return json.loads(next(line for line in text.splitlines() if line.startswith("SEEN "))[5:])
+def _steps(text):
+    """Per step of the probe: the sample ids that the replicas of one process saw, and per replica."""
+    seen = json.loads(next(line for line in text.splitlines() if line.startswith("SEEN "))[5:])
+    return [sum(step, []) for step in seen], seen
 
 
-def test_replicas_and_workers_see_disjoint_parts_of_every_batch(tmp_path):
-    """13 samples, global batch 4: the replicas (2 in one process, or 2 workers) split each batch between them,
-    none sees a sample twice, and together they see every sample once, the short last batch included."""
-    mirrored = _run_together([[sys.executable, PROBE, "mirrored", "2", "4", "13"]], [{}], tmp_path)
-    workers = _run_together([[sys.executable, PROBE, "multiworker", "0", "4", "13"]] * 2, _worker_envs(), tmp_path)
-    for steps in ([sum(s, []) for s in _seen(mirrored[0])],  # per step: the ids of both local replicas
-                  [a + b for a, b in zip(*[[sum(s, []) for s in _seen(w)] for w in workers])]):
-        assert [len(s) for s in steps] == [4, 4, 4, 1]
-        ids = sum(steps, [])
-        assert sorted(ids) == list(range(13)), steps
-    for replicas in _seen(mirrored[0])[:3]:  # full batches: two per replica, different ones
-        assert [len(r) for r in replicas] == [2, 2] and not set(replicas[0]) & set(replicas[1])
+def _assert_disjoint_and_complete(steps):
+    """13 samples in global batches of 4: each batch split between the replicas, none seen twice, all seen once,
+    the short last batch included."""
+    assert [len(s) for s in steps] == [4, 4, 4, 1]
+    assert sorted(sum(steps, [])) == list(range(13)), steps
+
+
+def _probe_then_train(strategy, replicas, data, out, *extra):
+    """The probe (13 samples, global batch 4) and then train.py in the same process (see distribute_probe.py)."""
+    return [sys.executable, PROBE, strategy, str(replicas), "4", "13", "-d", str(data), "-o", str(out), "-e", "1",
+            *SMALL, "--precision", "float32", *extra]
 
 
 def _train_cmd(data, out, epochs, *extra):
@@ -81,13 +82,18 @@ def _losses(run):
         return [(float(r["loss"]), float(r["val_loss"])) for r in csv.DictReader(f)]
 
 
-def test_mirrored_two_replicas_match_one_device(tiny_data, tmp_path):
-    """48 training slices in global batches of 10 (the last one 8): two replicas of 5 give one device's losses."""
+def test_mirrored_replicas_see_disjoint_data_and_match_one_device(tiny_data, tmp_path):
+    """Two replicas in one process split every batch between them; and 48 training slices in global batches of
+    10 (the last one 8) on two replicas of 5 give one device's losses."""
     one, two = _run_together(
         [_train_cmd(tiny_data, tmp_path / "one", 1, "--deterministic", "--strategy", "none", "--batch-size", "10",
                     "--lr", "2e-3"),
-         _train_cmd(tiny_data, tmp_path / "two", 1, "--deterministic", "--strategy", "mirrored", "--cpu-replicas",
-                    "2", "--batch-size", "5", "--lr", "1e-3")], [{}, {}], tmp_path)
+         _probe_then_train("mirrored", 2, tiny_data, tmp_path / "two", "--deterministic", "--strategy", "mirrored",
+                           "--cpu-replicas", "2", "--batch-size", "5", "--lr", "1e-3")], [{}, {}], tmp_path)
+    steps, per_replica = _steps(two)
+    _assert_disjoint_and_complete(steps)
+    for replicas in per_replica[:3]:  # full batches: two samples per replica, different ones
+        assert [len(r) for r in replicas] == [2, 2] and not set(replicas[0]) & set(replicas[1])
     assert "2 replica(s), global batch 10" in two
     cfg = json.loads((tmp_path / "two" / "config.json").read_text())
     assert cfg["replicas"] == 2 and cfg["global_batch_size"] == 10 and cfg["effective_lr"] == pytest.approx(2e-3)
@@ -96,12 +102,14 @@ def test_mirrored_two_replicas_match_one_device(tiny_data, tmp_path):
     assert a == pytest.approx(b, rel=2e-3) and va == pytest.approx(vb, rel=2e-3)
 
 
-def test_two_workers_on_localhost(tiny_data, tmp_path):
-    """Two worker processes train one model; the chief writes the run folder, the other's scratch folder goes.
-    (Resume is the same code with or without workers; test_train covers it in one process.)"""
+def test_two_workers_see_disjoint_data_and_train_one_model(tiny_data, tmp_path):
+    """Two worker processes on 127.0.0.1 split every batch between them; then they train one model, the chief
+    writes the run folder and the other's scratch folder goes. (Resume is the same code with or without
+    workers; test_train covers it in one process.)"""
     run = tmp_path / "run"
-    outputs = _run_together([_train_cmd(tiny_data, run, 1, "--strategy", "multiworker")] * 2, _worker_envs(),
-                            tmp_path)
+    outputs = _run_together([_probe_then_train("multiworker", 0, tiny_data, run, "--strategy", "multiworker")] * 2,
+                            _worker_envs(), tmp_path)
+    _assert_disjoint_and_complete([a + b for a, b in zip(*[_steps(text)[0] for text in outputs])])
     assert all("2 replica(s), global batch 16" in text for text in outputs)
     model = keras.models.load_model(run / "model.keras")
     assert model.output_shape == (None, 64, 32, 6)

@@ -191,4 +191,4 @@ def test_save_load_round_trip_without_custom_objects(tmp_path):
     scores = loaded.evaluate(x, y, verbose=0, return_dict=True)
     assert {"loss", "accuracy", "dice", "dice_5"} <= set(scores)
     probs = keras.models.load_model(tmp_path / "model.keras", compile=False)
-    np.testing.assert_allclose(probs.predict(x, verbose=0), keras.ops.softmax(model.predict(x, verbose=0)), atol=1e-5)
+    np.testing.assert_allclose(probs(x, training=False), keras.ops.softmax(model(x, training=False)), atol=1e-5)
