@@ -374,13 +374,13 @@ def train(args) -> dict:
         others["early_stopping"] = keras.callbacks.EarlyStopping(MONITOR, mode="max", patience=args.early_stopping,
                                                                  verbose=1)
     run_state = RunState(out, others, state, names[1:] if channels > 1 else names)
-    if args.ema:  # validation (and so the best model) with the averaged weights
-        others["ema"] = keras.callbacks.SwapEMAWeights()
+    # Validation (and so the best model) with the averaged weights; it keeps no state for state.json.
+    swap = [keras.callbacks.SwapEMAWeights()] if args.ema else []
     logs = [keras.callbacks.TensorBoard(str(out / "logs"), write_graph=False, profile_batch=0)] if args.tensorboard else []
     start = time.perf_counter()
     model.fit(train_ds, epochs=args.epochs, initial_epoch=initial_epoch,
               steps_per_epoch=-(-len(train_data) // gbs), validation_data=val_ds, shuffle=False,
-              callbacks=[*others.values(), run_state, *logs], verbose=1 if sys.stdout.isatty() and not args.quiet else 0)
+              callbacks=[*others.values(), *swap, run_state, *logs], verbose=1 if sys.stdout.isatty() and not args.quiet else 0)
     st = run_state.state
     print(f"done in {time.perf_counter() - start:.0f}s: best {MONITOR} {st['best']:.4f} at epoch {st['best_epoch']}; "
           f"model in {out / 'model.keras'}")
