@@ -131,7 +131,7 @@ def test_resume_continues_at_the_next_epoch_unless_stopped_early_and_refuses_cha
     with pytest.raises(SystemExit, match="base_filters"):
         train.main(args + ["-e", "3", "--resume", "-f", "8"])
     # The checkpoint keeps its loss, learning rate and precision: a resume may not claim to have changed them.
-    for flag, key in ((["--loss", "dice"], "loss"), (["--lr", "1e-3"], "effective_lr"),
+    for flag, key in ((["--loss", "dice"], "loss"), (["--lr", "3e-3"], "effective_lr"),
                       (["--precision", "mixed_bfloat16"], "precision"),
                       (["--class-names", "bg,a,b,c,d,e"], "class_names"), (["--norm", "zscore"], "preprocessing"),
                       (["--ema", "0"], "ema")):
