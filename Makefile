@@ -31,7 +31,7 @@ predict: venv
 	$(PY) predict.py --run $(RUN)
 
 test: venv
-	$(PY) -m pytest -q -n 2 --timeout 600 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --timeout 600 tests
 
 bench: venv
 	$(PY) benchmarks/bench.py

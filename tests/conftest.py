@@ -84,6 +84,14 @@ def tiny_run(tiny_data, tmp_path_factory):
     return out
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests that use the tiny run go to one pytest-xdist worker (`--dist loadgroup`, as `make test` runs):
+    the other worker then never sits idle waiting for the run's lock; it takes the other tests."""
+    for item in items:
+        if "tiny_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("tiny_run"))
+
+
 def pytest_configure(config):
     """Keras' NumPy-2 deprecation chatter hides real warnings."""
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:keras")
