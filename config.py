@@ -40,7 +40,8 @@ def build(flags: dict, prep: Preprocessing, *, target_ids, replicas: int, precis
         input_size=list(prep.size), target_ids=list(target_ids) if target_ids else None,
         channel_names=channel_names(flags["class_names"], target_ids), precision=precision, replicas=replicas,
         global_batch_size=flags["batch_size"] * replicas, effective_lr=flags["lr"] * replicas,
-        preprocessing={"size": list(prep.size), "norm": prep.norm, "num_classes": prep.num_classes, "fit": prep.fit},
+        preprocessing={"size": list(prep.size), "norm": prep.norm, "num_classes": prep.num_classes, "fit": prep.fit,
+                       "spacing": list(prep.spacing) if prep.spacing else None},
         data=data, geometry=geometry, versions=versions, device=devices)
     return cfg
 
@@ -74,24 +75,27 @@ def read(path: Path) -> dict:
 
 
 def preprocessing(cfg: dict) -> Preprocessing:
-    """The run's preprocessing, exactly as training used it."""
+    """The run's preprocessing, exactly as training used it (runs from before the spacing was recorded in it: the
+    spacing their geometry implies, which is what their prediction used)."""
     p = cfg["preprocessing"]
-    return Preprocessing(tuple(p["size"]), p["norm"], p["num_classes"], p.get("fit", "resize"))
+    fit = p.get("fit", "resize")
+    spacing = p["spacing"] if "spacing" in p else network_spacing(cfg.get("geometry"), fit, cfg["input_size"])
+    return Preprocessing(tuple(p["size"]), p["norm"], p["num_classes"], fit, tuple(spacing) if spacing else None)
 
 
-def network_spacing(cfg: dict):
-    """(row mm, col mm) of one network pixel as training saw it, or None when the run did not record it.
+def network_spacing(geometry: dict | None, fit: str, size):
+    """(row mm, col mm) of one network pixel, from the training split's geometry summary; None without one.
 
-    With --fit crop a network pixel is a pixel of the training slices; with --fit resize a slice of the median
-    training shape was squeezed into the network input, so its pixel spacing scales by shape / size.
+    With --fit crop a network pixel is a pixel of the median training slice; with --fit resize the median
+    training slice fills the network input, so its pixel spacing scales by shape / size.
     """
-    geo = cfg.get("geometry") or {}
+    geo = geometry or {}
     spacing, shape = geo.get("spacing_mm_median"), geo.get("shape_median")
     if not spacing:
         return None
-    if cfg["preprocessing"].get("fit", "resize") == "crop":
-        return tuple(spacing)
-    return tuple(s * n / size for s, n, size in zip(spacing, shape, cfg["input_size"]))
+    if fit == "crop":
+        return tuple(float(s) for s in spacing)
+    return tuple(round(float(s) * n / t, 6) for s, n, t in zip(spacing, shape, size))
 
 
 def check_model(cfg: dict, input_shape, output_channels: int, config_path, model_path) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import inspect
 import json
 import os
 import shutil
@@ -10,6 +11,39 @@ import tempfile
 from pathlib import Path
 
 import tensorflow as tf
+
+# The Keras versions whose private names the two work-arounds below patch (requirements*.txt pin keras to them).
+TESTED_KERAS = ">=3.15,<3.16"
+
+
+def keras_private(owner, name: str, where: str, params: tuple = ()):
+    """`owner.name`, a private Keras function that a work-around here replaces; RuntimeError if it is gone.
+
+    Patching a name that Keras has renamed or removed would silently do nothing (and training would then fail
+    in Keras' own code, far from here): check that it exists, is callable and takes `params`, or say what to do.
+    """
+    import keras
+
+    attr = getattr(owner, name, None)
+    problem = None
+    if attr is None:
+        problem = f"{where} has no attribute {name}"
+    elif not callable(attr):
+        problem = f"{where}.{name} is not a function but {type(attr).__name__} {attr!r}"
+    else:
+        try:
+            have = list(inspect.signature(attr).parameters)
+        except (TypeError, ValueError):  # no signature to read: trust the name
+            have = list(params)
+        if any(p not in have for p in params):
+            problem = f"{where}.{name} no longer takes {list(params)} (its parameters: {have})"
+    if problem:
+        raise RuntimeError(
+            f"Keras {keras.__version__}: {problem}. distribute.py patches this private Keras name to work around "
+            f"keras-team/keras#20585 under tf.distribute, and was tested with keras{TESTED_KERAS}: install that "
+            f"(pip install 'keras{TESTED_KERAS}', as requirements.txt pins it), or port the work-around in "
+            f"distribute.py to this Keras version")
+    return attr
 
 
 def split_cpu(replicas: int) -> None:
@@ -50,6 +84,8 @@ def _keep_keras_from_reducing_scalars_across_workers() -> None:
     """
     from keras.src.backend.tensorflow import trainer
 
+    keras_private(trainer, "_collective_all_reduce_multi_worker", "keras.src.backend.tensorflow.trainer",
+                  ("strategy",))
     trainer._collective_all_reduce_multi_worker = lambda strategy: False
 
 
@@ -77,6 +113,6 @@ def build_from_one_batch(model, dataset) -> None:
     replicas to build the model: that reduce fails under MultiWorkerMirroredStrategy
     (keras-team/keras#20585), and the batch it takes is lost to training. Only shapes matter here.
     """
+    build = keras_private(model, "_maybe_symbolic_build", "keras.Model", ("iterator", "data_batch"))
     batch = next(iter(dataset))
-    build = model._maybe_symbolic_build
     model._maybe_symbolic_build = lambda iterator=None, data_batch=None: build(data_batch=batch)

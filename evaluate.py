@@ -16,11 +16,14 @@ import numpy as np
 from scipy import ndimage
 
 from atomic_io import atomic_write_bytes
+from geometry import pad_or_crop_center
 
 PHYSICAL = ("Per volume and label: volume in mL (voxel count x voxel volume) of truth and prediction; the 95th-percentile "
             "Hausdorff distance (the larger of the two directed 95th percentiles) and the average symmetric surface "
             "distance in mm, between the masks' border voxels (full connectivity), from scipy's Euclidean distance "
-            "transform with the voxel spacing; a label absent from truth or prediction (or both) has no distance.")
+            "transform with the voxel spacing; a label absent from truth or prediction (or both) has no distance. "
+            "A volume with missing slice numbers has no distances (its stacked slices are not their true distance "
+            "apart) but its mL covers the slices present; a volume of unknown spacing has neither mL nor distances.")
 CONVENTION = ("Dice and IoU per image (slice or case-week volume) and foreground label; an image where the label "
               "is in neither truth nor prediction has no score and is left out of that label's mean, std and n; "
               "background is never scored; std is the population std (ddof 0).")
@@ -56,16 +59,29 @@ def score_slices(truths, preds, labels):
 
 
 def stack_volumes(refs, maps) -> dict:
-    """{volume: (slices, rows, cols)} with each case-week's slices in slice order, whatever order they came in."""
+    """{volume: (slices, rows, cols)} with each case-week's slices in slice order, whatever order they came in.
+
+    A slice smaller than the volume's largest rows and cols is centred in background (the odd pixel after, as
+    geometry.pad_or_crop_center), so its anatomy lines up with its neighbours'. Slices are stacked next to each
+    other even where slice numbers are missing: volume_gaps says which volumes have such gaps.
+    """
     volumes = {}
     for ref, m in sorted(zip(refs, maps), key=lambda rm: (rm[0].case, rm[0].week, rm[0].slice)):
         volumes.setdefault(ref.volume, []).append(m)
     out = {}
     for name, slices in volumes.items():
-        rows, cols = max(s.shape[0] for s in slices), max(s.shape[1] for s in slices)
-        # A slice narrower than its volume is padded with background, which no foreground score sees.
-        out[name] = np.stack([np.pad(s, ((0, rows - s.shape[0]), (0, cols - s.shape[1]))) for s in slices])
+        size = max(s.shape[0] for s in slices), max(s.shape[1] for s in slices)
+        out[name] = np.stack([pad_or_crop_center(s, size, 0) for s in slices])
     return out
+
+
+def volume_gaps(refs) -> dict:
+    """{volume: [missing slice numbers]} of each case-week whose slices, lowest to highest, skip a number."""
+    numbers = {}
+    for ref in refs:
+        numbers.setdefault(ref.volume, set()).add(ref.slice)
+    gaps = {v: sorted(set(range(min(n), max(n) + 1)) - n) for v, n in numbers.items()}
+    return {v: missing for v, missing in gaps.items() if missing}
 
 
 def summarise(scores: np.ndarray, names) -> dict:
@@ -86,7 +102,11 @@ def mean_of_means(summary: dict):
 
 def score_split(refs, truths, preds, labels, names, spacings: dict | None = None) -> tuple[dict, dict]:
     """Per-slice and per-volume Dice and IoU summaries (and, given each volume's voxel spacing, mL, HD95 and ASD
-    per volume), and the arrays and rows behind them."""
+    per volume), and the arrays and rows behind them.
+
+    spacings[volume] may be None (spacing unknown): that volume gets Dice and IoU only. A volume with missing slice
+    numbers gets no HD95 or ASD. summary["warnings"] names each such volume, in plain English.
+    """
     dice, iou = score_slices(truths, preds, labels)
     vol_truth, vol_pred = stack_volumes(refs, truths), stack_volumes(refs, preds)
     vol_dice, vol_iou = score_slices([vol_truth[v] for v in vol_truth], [vol_pred[v] for v in vol_truth], labels)
@@ -94,9 +114,16 @@ def score_split(refs, truths, preds, labels, names, spacings: dict | None = None
                "iou_per_slice": summarise(iou, names), "iou_per_volume": summarise(vol_iou, names)}
     summary["mean_foreground_dice"] = mean_of_means(summary["dice_per_slice"])
     summary["mean_foreground_dice_per_volume"] = mean_of_means(summary["dice_per_volume"])
+    gaps = volume_gaps(refs)
+    warnings = [f"{v}: slice{'s' if len(m) > 1 else ''} {', '.join(map(str, m))} missing; its Dice, IoU and mL cover "
+                f"the slices present, and it has no HD95 or ASD (distances across the gap would be wrong)"
+                for v, m in gaps.items()]
     rows = []
     if spacings is not None:
-        rows, summary["physical"] = physical_scores(vol_truth, vol_pred, spacings, labels, names)
+        rows, summary["physical"] = physical_scores(vol_truth, vol_pred, spacings, labels, names, gaps)
+        warnings += [f"{v}: voxel spacing unknown; it has Dice and IoU but no mL, HD95 or ASD"
+                     for v in vol_truth if spacings[v] is None]
+    summary["warnings"] = warnings
     with np.errstate(all="ignore"):  # a slice with no foreground anywhere has no mean
         slice_mean = np.array([np.nanmean(r) if np.isfinite(r).any() else np.nan for r in dice])
     by_volume = {(v, n): vol_dice[i, j] for i, v in enumerate(vol_truth) for j, n in enumerate(names)}
@@ -118,7 +145,9 @@ def write_per_slice_csv(path: Path, refs, shapes, arrays: dict, names) -> None:
 
 
 def _csv_cell(v) -> str:
-    """A number as text: scores with 6 decimals, an empty cell for a missing (NaN) score."""
+    """A number as text: scores with 6 decimals, an empty cell for a missing (NaN or None) score."""
+    if v is None:
+        return ""
     if isinstance(v, (float, np.floating)):
         return f"{v:.6f}" if np.isfinite(v) else ""
     return str(v)
@@ -202,24 +231,30 @@ def volume_ml(mask, spacing) -> float:
     return float(np.count_nonzero(mask) * np.prod(_check_spacing(mask, spacing)) / 1000.0)
 
 
-def physical_scores(vol_truth: dict, vol_pred: dict, spacings: dict, labels, names) -> tuple[list, dict]:
+def physical_scores(vol_truth: dict, vol_pred: dict, spacings: dict, labels, names, gaps=()) -> tuple[list, dict]:
     """Per volume and label: mL of truth and prediction, HD95 and ASD in mm (rows), and their per-label summary.
 
-    vol_truth, vol_pred: {volume: (slices, rows, cols) labels}; spacings: {volume: (slice, row, col) mm}.
+    vol_truth, vol_pred: {volume: (slices, rows, cols) labels}; spacings: {volume: (slice, row, col) mm, or None
+    when unknown: no mL or distances (NaN)}; gaps: volumes with missing slice numbers (volume_gaps): no distances.
     """
     rows = []
     for volume, truth in vol_truth.items():
         pred, spacing = vol_pred[volume], spacings[volume]
         for c, name in zip(labels, names):
             t, p = truth == c, pred == c
-            d = surface_distances(t, p, spacing)
-            rows.append({"volume": volume, "label": name, "truth_ml": volume_ml(t, spacing),
-                         "pred_ml": volume_ml(p, spacing), "hd95_mm": d["hd95"], "asd_mm": d["asd"]})
+            # Across a gap the stacked slices are closer than in the scan, so distances would be wrong; mL only
+            # counts voxels, so it stays right for the slices present.
+            d = NAN_SCORES if spacing is None or volume in gaps else surface_distances(t, p, spacing)
+            ml = (np.nan, np.nan) if spacing is None else (volume_ml(t, spacing), volume_ml(p, spacing))
+            rows.append({"volume": volume, "label": name, "truth_ml": ml[0], "pred_ml": ml[1],
+                         "hd95_mm": d["hd95"], "asd_mm": d["asd"]})
     summary = {}
     for name in names:
         mine = [r for r in rows if r["label"] == name]
         hd = np.array([r["hd95_mm"] for r in mine]), np.array([r["asd_mm"] for r in mine])
-        err = [abs(r["pred_ml"] - r["truth_ml"]) for r in mine if r["truth_ml"] or r["pred_ml"]]
+        # A label in neither truth nor prediction has no error (not 0); nor has a volume of unknown spacing (NaN).
+        err = [abs(r["pred_ml"] - r["truth_ml"]) for r in mine
+               if np.isfinite(r["truth_ml"]) and (r["truth_ml"] or r["pred_ml"])]
         summary[name] = {"hd95_mm": _mean_std(hd[0]), "asd_mm": _mean_std(hd[1]),
                          "volume_error_ml": float(np.mean(err)) if err else None,
                          "volumes_without_distance": int(np.isnan(hd[0]).sum())}

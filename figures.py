@@ -1,7 +1,10 @@
 """Every figure: training curves, comparison panels, the Dice box plot, the phantom preview, a scan in three planes.
 
-Slices are drawn as radiologists view an axial pelvis: array axis 0 (left-right) horizontal, anterior
-up. Labels keep one colour everywhere (LABEL_COLOURS).
+Slices (`view`) are drawn as stored, not reoriented: array axis 0 across (index 0 at the viewer's left), axis 1
+up (its last index at the top). For slices in RAS, as the phantom's (axis 0 toward the patient's right, axis 1
+toward anterior), that is the neurological convention: the patient's right on the viewer's right, anterior up;
+slices stored with axis 0 toward the patient's left would come out radiological. The three-plane view turns the
+scan to RAS first, and so is always neurological. Labels keep one colour everywhere (LABEL_COLOURS).
 """
 from __future__ import annotations
 
@@ -37,7 +40,9 @@ def label_colours(n: int) -> np.ndarray:
 
 
 def view(a: np.ndarray) -> np.ndarray:
-    """Radiological display of a slice: axis 0 (left-right) horizontal, anterior up."""
+    """A slice for imshow, not reoriented: array axis 0 across (index 0 at the left), axis 1 up (last index at the
+    top). RAS slices (the phantom's) come out in the neurological convention: the patient's right on the viewer's
+    right, anterior up."""
     return np.flipud(np.swapaxes(a, 0, 1))
 
 
@@ -100,7 +105,8 @@ def save_training_plots(history: list, out: Path) -> None:
 
 
 def save_phantom_preview(path, slices, names, title) -> None:
-    """Slices (title, image, labels) in radiological view, above the same slices with their labels overlaid."""
+    """Slices (title, image, labels) drawn by `view` (the phantom's RAS slices: patient's right on the viewer's
+    right, anterior up - neurological convention), above the same slices with their labels overlaid."""
     colours = label_colours(len(names))
     cols, rows = 3, -(-len(slices) // 3)
     fig, axes = plt.subplots(2 * rows, cols, figsize=(4.4 * cols, 4.6 * rows), squeeze=False)
@@ -125,8 +131,11 @@ def save_phantom_preview(path, slices, names, title) -> None:
 def save_three_planes(path, image, labels, affine, colours, names, title) -> None:
     """Axial, coronal and sagittal slices through the middle of the mask's foreground, labels over the scan.
 
-    Drawn in RAS world orientation when the affine is known (neurological view: the patient's right on the
-    right, anterior and superior up), else in the array's own axes; pixels keep their physical aspect.
+    With a known affine the scan is turned to RAS first and drawn in the neurological convention: axial with the
+    patient's right on the viewer's right and anterior up, coronal with the right on the right and superior up,
+    sagittal with anterior on the right and superior up. Without one, the array's own axes: axial and coronal
+    with axis 0 across, sagittal with axis 1 across, the first index at the left and bottom. Pixels keep their
+    physical aspect.
     """
     zooms = np.ones(3)
     if affine is not None:

@@ -12,6 +12,7 @@ from nibabel import orientations as nio
 
 TILE_MULTIPLE = 16  # four 2x poolings in the U-Net: tiles must divide evenly down to the bottleneck
 CV_MAX_CHANNELS = 128  # what cv2.resize takes from NumPy in OpenCV 5 (4.x took 512)
+CV_AREA_MAX_CHANNELS = 4  # INTER_AREA at a non-integer factor refuses more (`func != 0 && cn <= 4`)
 INTERPOLATIONS = {"linear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}
 _WORLD = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I": (2, -1)}
 
@@ -109,11 +110,11 @@ def in_plane_spacing(affine, ornt) -> tuple[float, float, float]:
 def _cv_resize(image: np.ndarray, rows: int, cols: int, flag: int) -> np.ndarray:
     """cv2.resize of one (rows, cols[, channels]) image, in chunks of channels OpenCV can take."""
     image = np.ascontiguousarray(image)
-    if image.ndim == 2 or image.shape[2] <= CV_MAX_CHANNELS:
+    limit = CV_AREA_MAX_CHANNELS if flag == cv2.INTER_AREA else CV_MAX_CHANNELS
+    if image.ndim == 2 or image.shape[2] <= limit:
         out = cv2.resize(image, (cols, rows), interpolation=flag)
         return out.reshape((rows, cols) + image.shape[2:])  # OpenCV drops a single channel axis
-    parts = [_cv_resize(image[..., i:i + CV_MAX_CHANNELS], rows, cols, flag)
-             for i in range(0, image.shape[2], CV_MAX_CHANNELS)]
+    parts = [_cv_resize(image[..., i:i + limit], rows, cols, flag) for i in range(0, image.shape[2], limit)]
     return np.concatenate(parts, axis=2)
 
 

@@ -1,11 +1,11 @@
 """From raw slices or a whole scan to probabilities on the file's own grid: the one inference path of predict.py.
 
-Scoring a split and segmenting files both go through `Predictor`: each slice is normalised as in training,
-brought to the pixel spacing of the network's input as training saw it (config.network_spacing), covered by
-that input (padded when smaller, overlapping Gaussian-blended tiles when larger: never squashed), and every
-step is undone on the probabilities, which only then become labels. Runs that recorded no geometry resize
-whole slices, as they were trained. A 3D scan is first turned into the training
-orientation (nibabel's orientation tools) and sliced along the axis that the training slices' normal points to.
+Scoring a split and segmenting files both go through `Predictor`, which brings each slice to the network exactly
+as training did (preprocess.to_grid: normalised, at the network's pixel spacing; preprocess.input_window: one
+input, centred on the anatomy), except that a slice whose anatomy does not fit one input is covered by
+overlapping Gaussian-blended tiles instead of being cropped. Every step is undone on the probabilities, which
+only then become labels. A 3D scan is first turned into the training orientation (nibabel's orientation tools)
+and sliced along the axis that the training slices' normal points to.
 """
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ import numpy as np
 from scipy import ndimage
 
 import geometry
-from preprocess import Preprocessing, normalise_image, preprocess_image
+from preprocess import Preprocessing, grid_shape, input_window, take_window, to_grid
 
-SPACING_TOLERANCE = 0.05  # slices whose pixel spacing is within 5% of the network's are not resampled
 # Tiles overlap by 3/4 (nnU-Net: 1/2): a field of view padded around the training one then has a tile that sees
 # exactly the training view, and the Gaussian weights let it decide the middle.
 OVERLAP = 0.75
@@ -27,15 +26,17 @@ FAR_SPACING = 2.0  # a spacing more than 2x (or under 1/2) the network's: resamp
 
 @dataclass
 class Predictor:
-    """A model (probabilities out) with the preprocessing, pixel spacing and orientation it was trained with."""
+    """A model (probabilities out) with the preprocessing (pixel spacing included) and orientation it was trained
+    with."""
 
     model: object
     prep: Preprocessing
-    spacing: tuple | None = None  # (row mm, col mm) of a network pixel; None: slices are not resampled
     codes: str | None = None  # orientation of the training slices, e.g. "RAS" (the third code is the slice normal)
-    tta: bool = False  # average with the left-right flip (array axis 0), as training augmented
+    data_spacing: tuple | None = None  # median pixel spacing (mm) of the training slices, for the warning below
+    tta: bool = False  # average with the flip of array axis 0 (the training slices' first axis, R-L in RAS)
     batch_size: int = 32
     warnings: list = field(default_factory=list)
+    _warned: set = field(default_factory=set, repr=False)  # spacings already warned about
 
     def network(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities (b, rows, cols, K) of network-size inputs (b, rows, cols, 1), with the flip if tta."""
@@ -57,60 +58,52 @@ class Predictor:
 
     def slices(self, raw: np.ndarray, spacing=None, name: str = "") -> tuple[np.ndarray, dict]:
         """Probabilities (n, rows, cols, K) of raw slices (n, rows, cols) of one pixel spacing, and what was done."""
-        done = {"slices": len(raw), "shape": list(raw.shape[1:]), "resampled": None, "tiles": 1}
-        if (self.spacing is None or spacing is None) and self.prep.fit == "resize":
-            # No geometry known: the whole slice fitted as training fitted it (preprocess_image), and back.
-            inputs = np.stack([preprocess_image(s, self.prep) for s in raw])[..., None]
-            back = geometry.resample_slices(self._batched(inputs), size=raw.shape[1:], interpolation="linear")
-            return back.reshape(*raw.shape, -1), {**done, "fit": "resize"}
-        images = np.stack([normalise_image(s, self.prep.norm) for s in raw])
-        if self.spacing is None or spacing is None:  # --fit crop: the file's pixels are taken as training's
-            probs, done["tiles"], done["centred"] = self._cover(images)
-            return probs, {**done, "fit": "tiles"}
-        factors = [s / t for s, t in zip(spacing, self.spacing)]
-        if max(abs(f - 1) for f in factors) <= SPACING_TOLERANCE:
-            factors = None
-        elif max(max(factors), 1 / min(factors)) > FAR_SPACING:
-            self.warnings.append(f"{name}: pixel spacing {[round(s, 4) for s in spacing]} mm is far from the "
-                                 f"network's {[round(s, 4) for s in self.spacing]} mm (x{max(factors):.2f}); resampled, "
-                                 "but expect less accuracy than on data like the training data")
-        if factors:
-            images = geometry.resample_slices(images, *factors)
-            done["resampled"] = [round(f, 4) for f in factors]
+        shape = tuple(raw.shape[1:3])
+        grid = grid_shape(shape, spacing, self.prep)
+        done = {"slices": len(raw), "shape": list(shape), "resampled": None, "tiles": 1, "centred": 0,
+                "fit": "spacing" if self.prep.spacing is not None and spacing is not None  # at the network's
+                else "resize" if self.prep.fit == "resize" else "pixels"}  # no geometry: as training without it
+        if grid != shape:
+            done["resampled"] = [round(g / n, 4) for g, n in zip(grid, shape)]
+        if spacing is not None and self.data_spacing:
+            ratios = [s / t for s, t in zip(spacing, self.data_spacing)]
+            if max(max(ratios), 1 / min(ratios)) > FAR_SPACING and tuple(spacing) not in self._warned:
+                self._warned.add(tuple(spacing))
+                self.warnings.append(f"{name}: pixel spacing {[round(s, 4) for s in spacing]} mm is far from the "
+                                     f"training slices' {[round(s, 4) for s in self.data_spacing]} mm; resampled "
+                                     "to the network's, but expect less accuracy than on data like the training data")
+        images = np.stack([to_grid(s, spacing, self.prep) for s in raw])
         probs, done["tiles"], done["centred"] = self._cover(images)
-        if factors:
-            probs = geometry.resample_slices(probs, size=raw.shape[1:])
-        return probs, {**done, "fit": "tiles"}
+        if grid != shape:
+            probs = geometry.resample_slices(probs, size=shape)
+        return probs, done
 
     def _cover(self, images: np.ndarray) -> tuple[np.ndarray, int, int]:
-        """Probabilities of network-spacing slices: one network input where the slice (or its anatomy) fits in one,
-        overlapping tiles elsewhere; also the tiles per tiled slice and the number of slices on a centred input."""
+        """Probabilities of grid slices: one network input (preprocess.input_window) where the anatomy fits in one,
+        overlapping tiles elsewhere; also the tiles per tiled slice and the number of slices on one input."""
         tile = self.prep.size
-        fits = images.shape[1] <= tile[0] and images.shape[2] <= tile[1]
-        corners = [None if fits else anatomy_window(im, tile) for im in images]
-        tiled = [i for i, c in enumerate(corners) if c is None]
-        centred = [i for i, c in enumerate(corners) if c is not None]
+        windows = [input_window(im, tile) for im in images]
+        one = [i for i, (_, fits) in enumerate(windows) if fits]
+        tiled = [i for i, (_, fits) in enumerate(windows) if not fits]
         out, n_tiles = None, 1
         if tiled:
             probs, n_tiles = geometry.predict_tiled(images[tiled], tile, self._batched, overlap=OVERLAP,
                                                     batch_size=self.batch_size)
             out = np.empty(images.shape + probs.shape[-1:], np.float32)
             out[tiled] = probs
-        if centred:
-            # The anatomy fits in one network input: put it there whole, as training saw it, rather than let tiles
-            # that cut it decide; the rest of the slice is darker than a tenth of its range, outside the body.
-            inputs = np.stack([images[i][r:r + tile[0], c:c + tile[1]] for i, (r, c) in
-                               ((i, corners[i]) for i in centred)])[..., None]
-            probs = self._batched(inputs)
+        if one:
+            inputs = np.stack([take_window(images[i], windows[i][0], tile, float(images[i].min())) for i in one])
+            probs = self._batched(inputs[..., None])
             if out is None:
                 out = np.empty(images.shape + probs.shape[-1:], np.float32)
-            background = np.zeros(probs.shape[-1], np.float32)
-            background[0] = 1.0 if probs.shape[-1] > 1 else 0.0
-            for i, p in zip(centred, probs):
-                r, c = corners[i]
-                out[i] = background
-                out[i, r:r + tile[0], c:c + tile[1]] = p
-        return out, n_tiles, len(centred)
+            air = {}  # padding value -> the network's probabilities for it
+            for i, p in zip(one, probs):
+                fill = float(images[i].min())
+                if fill not in air and (images.shape[1] > tile[0] or images.shape[2] > tile[1]):
+                    constant = self._batched(np.full((1, *tile, 1), fill, np.float32))[0]
+                    air[fill] = constant[tile[0] // 2, tile[1] // 2]  # the centre: away from the zero-padded edge
+                out[i] = untake_window(p, windows[i][0], images.shape[1:3], air.get(fill))
+        return out, n_tiles, sum(1 for i in one if images.shape[1] > tile[0] or images.shape[2] > tile[1])
 
     def volume(self, data: np.ndarray, affine, axis=None, name: str = "") -> tuple[np.ndarray, dict]:
         """Probabilities (*data.shape, K) of a 2D slice or 3D volume in its own voxel grid, and what was done.
@@ -139,20 +132,21 @@ class Predictor:
         return probs, {**done, "orientation": found, "slice_axis": slice_axis, "spacing_mm": [round(s, 4) for s in spacing]}
 
 
-def anatomy_window(image: np.ndarray, tile) -> tuple | None:
-    """Top-left corner of a network input that holds all of a larger slice's anatomy (the pixels brighter than a
-    tenth of its range, with 0.1% outliers such as hot pixels let go), centred on it; None when it does not fit."""
-    lo = float(image.min())
-    rows, cols = np.nonzero(image > lo + 0.1 * (float(np.percentile(image, 99.5)) - lo))
-    if len(rows) == 0 or any(n < t for n, t in zip(image.shape, tile)):
-        return None
-    corner = []
-    for where, n, t in ((rows, image.shape[0], tile[0]), (cols, image.shape[1], tile[1])):
-        first, last = np.percentile(where, [0.1, 99.9])
-        if last - first + 1 > t:
-            return None
-        corner.append(int(min(max(round((first + last + 1 - t) / 2), 0), n - t)))
-    return tuple(corner)
+def untake_window(probs: np.ndarray, corner, shape, outside=None) -> np.ndarray:
+    """Probabilities of one network input put back on its grid slice of `shape` (undoes take_window).
+
+    Pixels of a larger slice outside the window hold no anatomy (all darker than a tenth of its range); they get
+    `outside`, the network's own probabilities for an input of the padding value training used there, so their
+    uncertainty is the network's, never a made-up certainty.
+    """
+    rows, cols = (int(n) for n in shape[:2])
+    (r, c), (tr, tc) = (int(k) for k in corner), probs.shape[:2]
+    out = np.empty((rows, cols, probs.shape[-1]), np.float32)
+    if r > 0 or c > 0 or r + tr < rows or c + tc < cols:
+        out[:] = outside
+    r0, r1, c0, c1 = max(0, r), min(rows, r + tr), max(0, c), min(cols, c + tc)
+    out[r0:r1, c0:c1] = probs[r0 - r:r1 - r, c0 - c:c1 - c]
+    return out
 
 
 def labels_of(probs: np.ndarray) -> np.ndarray:

@@ -125,9 +125,10 @@ def _labels_and_prediction(y_true, logits):
 class DiceScores(keras.metrics.Metric):
     """Per-image hard Dice of every class, averaged over the images where the class is in truth or prediction.
 
-    Reports {"dice": mean over the foreground classes (1..C-1, or the one channel of a binary model),
-    "dice_<name>": each foreground class}, from one pass over the batch. Works on logits or probabilities
-    alike for several classes (argmax); for one channel, on logits (threshold 0).
+    Reports {"dice": mean over the foreground classes (1..C-1, or the one channel of a binary model) that some
+    image scored (0 if none did), "dice_<name>": each foreground class, NaN while no image scored it}, from one
+    pass over the batch. Works on logits or probabilities alike for several classes (argmax); for one channel,
+    on logits (threshold 0).
     """
 
     def __init__(self, class_names, name="dice", **kwargs):
@@ -147,11 +148,13 @@ class DiceScores(keras.metrics.Metric):
         self.counts.assign_add(ops.sum(present, axis=0))
 
     def result(self):
-        per_class = self.sums / ops.maximum(self.counts, 1.0)
+        per_class = self.sums / ops.maximum(self.counts, 1.0)  # 0 where no image scored the class
         seen = ops.cast(self.counts[1:] > 0, "float32")
+        # A class that no image scored has no value (evaluate.CONVENTION), not 0; the mean is over those that do.
+        reported = ops.where(self.counts > 0, per_class, float("nan"))
         names = self.class_names[1:] if len(self.class_names) > 1 else self.class_names
         return {self.name: ops.sum(per_class[1:] * seen) / ops.maximum(ops.sum(seen), 1.0),
-                **{f"{self.name}_{n}": per_class[i] for i, n in enumerate(names, start=1)}}
+                **{f"{self.name}_{n}": reported[i] for i, n in enumerate(names, start=1)}}
 
     def reset_state(self):
         self.sums.assign(ops.zeros_like(self.sums))

@@ -7,7 +7,8 @@ from superellipses (bones, muscles, bladder, rectum, prostate and its surroundin
 partial-volume blur, a bias field and Rician noise. Labels: 0 background, 1 body, 2 bone, 3 bladder,
 4 rectum, 5 prostate; the prostate differs from the tissue around it by only ~10-20% in intensity.
 
-Arrays: axis 0 (256) runs from the patient's right to left, axis 1 (128/144) from posterior to anterior.
+Arrays: axis 0 (256) runs from the patient's left to right (toward R), axis 1 (128/144) from posterior to anterior
+(toward A), as the affine that synthetic.py writes with them says (nibabel's aff2axcodes: R, A, S).
 Every random draw comes from a generator seeded by (seed, case[, week[, split, slice]]).
 """
 from __future__ import annotations

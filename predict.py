@@ -36,7 +36,8 @@ import modules  # noqa: E402, F401  (registers the custom layers for load_model)
 from atomic_io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from config import RunError  # noqa: E402
 from inference import Predictor, entropy, keep_largest, labels_of  # noqa: E402
-from preprocess import DataError, check_image, check_mask, load_nifti, make_target, read_slice, read_voxels  # noqa: E402
+from preprocess import DataError, check_image, check_mask, load_nifti, make_target, read_slice, read_voxels, \
+    slice_geometry, slice_thickness  # noqa: E402
 
 ORGANS = ("bladder", "rectum", "prostate")  # labels that are one organ each: --postprocess keeps their largest part
 
@@ -74,8 +75,8 @@ def load_run(run=None, model_path=None, tta: bool = False, batch_size: int = 32)
         labels, names = list(range(1, cfg["num_classes"])), cfg["class_names"][1:]
         colours = figures.label_colours(cfg["num_classes"])
     geo = cfg.get("geometry") or {}
-    predictor = Predictor(model, config.preprocessing(cfg), config.network_spacing(cfg), geo.get("orientation"),
-                          tta, batch_size)
+    predictor = Predictor(model, config.preprocessing(cfg), geo.get("orientation"),
+                          tuple(geo["spacing_mm_median"]) if geo.get("spacing_mm_median") else None, tta, batch_size)
     return Run(predictor, cfg, model_path, labels, names, colours)
 
 
@@ -93,42 +94,59 @@ def organ_labels(run: Run, spec: str | None) -> list:
 
 # ----------------------------------------------------------------------------- scoring a split
 
-def predict_split(run: Run, refs, progress: bool, keep=None) -> tuple[list, list, dict]:
-    """Predicted labels and the raw image of each slice, a volume at a time; and each volume's voxel spacing.
+def predict_split(run: Run, refs, progress: bool, keep=None) -> tuple[list, list, dict, list]:
+    """Predicted labels and the raw image of each slice, a volume at a time; each volume's voxel spacing (None
+    when its slices disagree on it); and warnings about the spacing read from the files.
 
     keep(i, probabilities), if given, receives each slice's probabilities (rows, cols, K) as they come."""
-    preds, images, spacings, by_volume = [None] * len(refs), [None] * len(refs), {}, {}
+    preds, images, spacings, warnings, by_volume = [None] * len(refs), [None] * len(refs), {}, [], {}
     for i, ref in enumerate(refs):
         by_volume.setdefault(ref.volume, []).append(i)
     for volume, idx in tqdm(by_volume.items(), desc="predicting", unit="volume", disable=not progress):
-        groups = {}  # slices of one shape and spacing go through the network together
+        groups, voxels = {}, {}  # slices of one shape and spacing go through the network together
         for i in idx:
-            image, affine = read_slice(refs[i].image, with_affine=True)
+            image, nifti = read_slice(refs[i].image, with_image=True)
             images[i] = check_image(image, refs[i].image)
-            zooms = tuple(float(z) for z in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
-            groups.setdefault((image.shape, zooms), []).append(i)
-        for (_, zooms), members in groups.items():
-            probs, _ = run.predictor.slices(np.stack([images[i] for i in members]), zooms[:2], refs[members[0]].image)
+            _, pixel = slice_geometry(nifti.affine, nifti.shape)
+            thickness, problem = slice_thickness(nifti, nifti.shape, refs[i].image)
+            if problem:
+                warnings.append(problem)
+            voxels.setdefault((round(thickness, 3), *pixel), []).append(refs[i].image)
+            groups.setdefault((images[i].shape, pixel), []).append(i)
+        for (_, pixel), members in groups.items():
+            try:
+                probs, _ = run.predictor.slices(np.stack([images[i] for i in members]), pixel, refs[members[0]].image)
+            except ValueError as e:  # a spacing or shape the file's header gets wrong
+                raise DataError(f"{refs[members[0]].image}: {e}") from None
             for i, p in zip(members, probs):
                 preds[i] = labels_of(p)
                 if keep:
                     keep(i, p)
-        spacings[volume] = (zooms[2], zooms[0], zooms[1])  # (slice, row, col) mm, as evaluate stacks volumes
-    return preds, images, spacings
+        if len(voxels) == 1:
+            spacings[volume] = next(iter(voxels))  # (slice, row, col) mm, as evaluate stacks volumes
+        else:
+            spacings[volume] = None
+            found = "; ".join(f"{list(k)} mm in {len(v)} slice(s), e.g. {Path(v[0]).name}" for k, v in voxels.items())
+            warnings.append(f"{volume}: its slices disagree on the voxel spacing (slice, row, col): {found}; "
+                            "the volume is scored without mL and distances")
+    return preds, images, spacings, warnings
 
 
-def postprocess_split(refs, preds, label_ids) -> list:
-    """--postprocess on each case-week volume (slices stacked in slice order), then back to slices."""
+def postprocess_split(refs, preds, label_ids, in_2d: list | None = None) -> list:
+    """--postprocess on each case-week volume (slices stacked in slice order), then back to slices. A volume whose
+    slices differ in size does not stack: it is postprocessed slice by slice, in 2D, and named in `in_2d`."""
     if not label_ids:
         return preds
-    out = list(preds)
+    out, in_2d = list(preds), [] if in_2d is None else in_2d
     by_volume = {}
     for i, ref in enumerate(refs):
         by_volume.setdefault(ref.volume, []).append(i)
-    for idx in by_volume.values():
+    for volume, idx in by_volume.items():
         idx = sorted(idx, key=lambda i: refs[i].slice)
-        shapes = {preds[i].shape for i in idx}
-        if len(shapes) > 1:  # slices of different sizes do not stack into one volume: leave them as they are
+        if len({preds[i].shape for i in idx}) > 1:
+            in_2d.append(volume)
+            for i in idx:
+                out[i] = keep_largest(preds[i], label_ids)
             continue
         kept = keep_largest(np.stack([preds[i] for i in idx]), label_ids)
         for k, i in enumerate(idx):
@@ -149,19 +167,26 @@ def score(args) -> dict:
     # are on disk, since prediction goes through the same path as new files.
     data = dataset.load_split(data_dir, args.split, run.predictor.prep, cache_dir=args.cache_dir, progress=False,
                               skip_bad=args.skip_bad, max_bad_fraction=args.max_bad_fraction)
-    picks = args.slices if args.slices is not None else [100] if len(data) > 100 else []  # the README's figure
-    if bad := [i for i in picks if not 0 <= i < len(data)]:
+    if args.slices is not None and (bad := [i for i in args.slices if not 0 <= i < len(data)]):
         raise DataError(f"--slices {bad}: split {args.split!r} has {len(data)} slices (0..{len(data) - 1})")
+    leaks = dataset.check_disjoint_cases(data_dir, args.strict)
     def keep(i, probs):  # --save-probabilities, --save-uncertainty: one file per slice, named as its mask
         like, name = nib.load(data.refs[i].image), Path(data.refs[i].image).name.replace("case_", "seg_", 1)
         write_extras(out / "masks", name, probs, like, args)
 
     extras = keep if args.save_probabilities or args.save_uncertainty else None
-    preds, images, spacings = predict_split(run, data.refs, not args.quiet, extras)
-    preds = postprocess_split(data.refs, preds, organ_labels(run, args.postprocess))
+    preds, images, spacings, warnings = predict_split(run, data.refs, not args.quiet, extras)
+    in_2d = []
+    preds = postprocess_split(data.refs, preds, organ_labels(run, args.postprocess), in_2d)
+    warnings += [f"{v}: slices of different sizes do not stack into one volume; --postprocess kept the largest "
+                 "part per slice (2D) there" for v in in_2d]
     truths = [make_target(check_mask(read_slice(r.mask), r.mask, run.predictor.prep.num_classes),
                           run.cfg["target_ids"]) for r in data.refs]
+    picks = args.slices if args.slices is not None else figure_slice(truths, run.labels)
     summary, arrays = evaluate.score_split(data.refs, truths, preds, run.labels, run.names, spacings)
+    warnings = leaks + warnings + run.predictor.warnings + summary.pop("warnings", [])
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     evaluate.write_per_slice_csv(out / "per_slice.csv", data.refs, data.orig_shapes, arrays, run.names)
     evaluate.write_per_volume_csv(out / "per_volume.csv", arrays["volume_rows"], arrays["volume_dice_by_name"])
     if args.save_masks:
@@ -173,13 +198,24 @@ def score(args) -> dict:
                "convention": evaluate.CONVENTION, "physical_convention": evaluate.PHYSICAL, "tta": args.tta,
                "postprocess": args.postprocess, "run": str(run.model_path.parent), "model": str(run.model_path),
                "data_dir": str(data_dir), "data_fingerprint": data.fingerprint, "skipped": data.skipped,
-               "masks": str(out / "masks") if args.save_masks else None, "warnings": run.predictor.warnings,
+               "postprocessed_in_2d": in_2d, "masks": str(out / "masks") if args.save_masks else None,
+               "warnings": warnings,
                "seconds": round(time.perf_counter() - start, 2)}
     atomic_write_json(out / "metrics.json", metrics)
     evaluate.print_table(metrics)
     print(f"wrote {out}/metrics.json, per_slice.csv, per_volume.csv and {n_figures} figure(s) in "
           f"{metrics['seconds']:.1f}s")
     return metrics
+
+
+def figure_slice(truths, labels) -> list:
+    """The default comparison figure: the slice nearest the split's middle whose truth holds every scored label
+    (else the one holding the most), so the figure shows each of them."""
+    if not truths:
+        return []
+    held = np.array([sum(bool(np.any(t == c)) for c in labels) for t in truths])
+    best = np.flatnonzero(held == held.max())
+    return [int(best[np.argmin(np.abs(best - len(truths) // 2))])]
 
 
 def save_figures(out: Path, split: str, refs, images, truths, preds, arrays: dict, picks, n_worst: int, run: Run) -> int:
@@ -283,9 +319,10 @@ def segment_files(args) -> list:
               file=sys.stderr)
     for path, name in zip(args.input, names):
         image, data, affine = read_scan(path, args.axis)
-        if args.axis is not None and not -3 <= args.axis < 3:
-            raise DataError(f"{path}: --axis {args.axis} is not an axis of a 3D volume (0, 1 or 2)")
-        probs, done = run.predictor.volume(data, affine, args.axis, path)
+        try:
+            probs, done = run.predictor.volume(data, affine, args.axis, path)
+        except ValueError as e:  # geometry or spacing the file's header gets wrong
+            raise DataError(f"{path}: {e}") from None
         labels = keep_largest(labels_of(probs), organs) if organs else labels_of(probs)
         shape = image.shape[:3] if len(image.shape) >= 3 else image.shape
         write_nifti(out_dir / name, labels.reshape(shape), image)
@@ -297,7 +334,7 @@ def segment_files(args) -> list:
             print(f"warning: {w}", file=sys.stderr)
         run.predictor.warnings.clear()
         resampled = f"resampled x{done['resampled']}" if done["resampled"] else "not resampled"
-        fit = "resized to the network input (the run recorded no geometry)" if done["fit"] == "resize" \
+        fit = "resized whole to the network input (no pixel spacing known)" if done["fit"] == "resize" \
             else f"{done['centred']} slice(s) on one input centred on the anatomy, the others in " \
                  f"{done['tiles']} tile(s)" if done["centred"] else f"{done['tiles']} tile(s) per slice"
         print(f"{path}: {'x'.join(map(str, data.shape))} {done['orientation']}, {done['slices']} slice(s) along "
@@ -324,7 +361,10 @@ def parse_args(argv=None):
     p.add_argument("-s", "--split", choices=list(dataset.SPLITS), default="test", help="split to score (default: test)")
     p.add_argument("-o", "--out", default=None, help="folder for metrics and figures (default: RUN/eval-SPLIT)")
     p.add_argument("-b", "--batch-size", type=int, default=32, help="network inputs per model call (default: 32)")
-    p.add_argument("--tta", action="store_true", help="average each prediction with its left-right flip")
+    p.add_argument("--tta", action="store_true",
+                   help="average each prediction with its flip along the first axis of the training orientation "
+                        "(left-right for the HipMRI slices and the phantom, whose rows run along R-L), as training "
+                        "augmented")
     p.add_argument("--postprocess", nargs="?", const="organs", default=None, metavar="LABELS",
                    help=f"keep only the largest 3D connected part of each of these labels (comma-separated names; "
                         f"alone: {', '.join(ORGANS)}, those the run has)")
@@ -348,12 +388,22 @@ def parse_args(argv=None):
     p.add_argument("--save-uncertainty", action="store_true",
                    help="also NAME_uncertainty.nii[.gz]: the predictive entropy, 0 (sure) to 1 (uniform)")
     p.add_argument("--preview", action="store_true", help="with --input: a PNG of the mask in three planes per file")
+    p.add_argument("--strict", action="store_true", help="refuse data whose splits share a case (default: warn)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    if not (args.run or args.model):
-        p.error("give --run RUN_FOLDER or --model path/to/model.keras")
-    if args.batch_size < 1 or args.figures < 0:
-        p.error("--batch-size must be at least 1 and --figures at least 0")
+    checks = [(args.run or args.model, "give --run RUN_FOLDER or --model path/to/model.keras"),
+              (args.batch_size >= 1, f"--batch-size {args.batch_size}: expected 1 or more"),
+              (args.figures >= 0, f"--figures {args.figures}: expected 0 or more"),
+              (0 <= args.max_bad_fraction <= 1, f"--max-bad-fraction {args.max_bad_fraction:g}: expected a share "
+               "between 0 and 1"),
+              (args.axis is None or -3 <= args.axis < 3, f"--axis {args.axis}: expected an axis of a 3D volume "
+               "(0, 1 or 2)"),
+              (args.input or not (args.output_dir or args.axis is not None or args.preview),
+               "--output-dir, --axis and --preview go with --input FILE ..."),
+              (not args.input or args.out is None, "--out is for scoring a split; with --input use --output-dir")]
+    for ok, message in checks:
+        if not ok:
+            p.error(message)
     return args
 
 
@@ -364,6 +414,9 @@ def main(argv=None) -> int:
         segment_files(args) if args.input else score(args)
     except (DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an output folder that cannot be written, a disk that is full: the error names the path
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 

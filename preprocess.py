@@ -1,7 +1,11 @@
 """One slice from file to network input: read it with nibabel, check it, normalise it and fit it to the network.
 
-`preprocess_image` is the one preprocessing function that training (dataset.load_split) and prediction
-(predict.py) share; `Preprocessing` holds its settings, and every run keeps them in its config.json.
+The one path into the network, shared by training, validation, split scoring and `predict.py --input`:
+`to_grid` normalises a slice and resamples it to the network's pixel spacing (`Preprocessing.spacing`), then
+`input_window` places the network's input on it (centred padding where the slice is smaller, a window around
+its anatomy where larger). `preprocess_pair` does both for a training pair; `inference.Predictor` does the
+same per slice and, where the anatomy does not fit one input, covers the slice with tiles instead of cropping.
+`Preprocessing` holds the settings, and every run keeps them in its config.json.
 The training target of a mask (every label, or one binary target) is defined here too, once.
 """
 from __future__ import annotations
@@ -16,13 +20,15 @@ import cv2
 import nibabel as nib
 import numpy as np
 
-from geometry import pad_or_crop_center
+import geometry
 
 NORMS = {"minmax": "min..max to 0..1 (the original design)",
          "percentile": "0.5th..99.5th percentile to 0..1, clipped (one hot pixel no longer rescales the slice)",
          "zscore": "zero mean, unit variance"}
-FITS = {"resize": "resized to the network size (squashed if the aspect ratio differs)",
-        "crop": "centrally padded or cropped to the network size, undistorted"}
+FITS = {"resize": "resampled so that the median training slice fills the network input (one scale for every "
+                  "slice: squashed if its aspect differs); other sizes are then padded or cropped",
+        "crop": "kept at the training slices' median pixel spacing, then padded or cropped to the network size"}
+SPACING_TOLERANCE = 0.05  # slices within 5% of the network's pixel spacing are not resampled
 
 
 class DataError(ValueError):
@@ -37,6 +43,7 @@ class Preprocessing:
     norm: str = "minmax"  # a key of NORMS
     num_classes: int = 6
     fit: str = "resize"  # a key of FITS
+    spacing: tuple | None = None  # (row mm, col mm) of a network pixel; None: no geometry (resize whole, or as is)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -101,30 +108,66 @@ def read_voxels(image, path) -> np.ndarray:
         raise DataError(f"{path}: truncated or corrupt data ({type(e).__name__}: {why}); re-copy the file") from None
 
 
-def read_slice(path, with_affine: bool = False):
-    """One NIfTI slice as a 2D float32 array (and its affine); anything but one 2D slice is refused."""
+def read_slice(path, with_image: bool = False):
+    """One NIfTI slice as a 2D float32 array (and its nibabel image, for the affine, stored shape and header);
+    anything but one 2D slice is refused."""
     image = load_nifti(path)
     data = read_voxels(image, path)
     if np.squeeze(data).ndim != 2:
         raise DataError(f"{path}: shape {data.shape}, expected one 2D slice (rows, cols) with at most "
                         "singleton extra axes; split volumes into slices first")
-    data = np.squeeze(data)
-    return (data, image.affine) if with_affine else data
+    return (np.squeeze(data), image) if with_image else np.squeeze(data)
 
 
-def slice_geometry(affine) -> tuple[str, tuple[float, float]]:
-    """Orientation codes (e.g. 'RAS', nibabel's aff2axcodes) and in-plane pixel spacing (mm) of a slice's affine."""
-    return _geometry(np.asarray(affine, np.float64)[:3, :3].tobytes())
+def plane_axes(shape) -> tuple[int, int, int]:
+    """(row axis, col axis, slice axis) of a slice file's array: the two axes that are not singletons, in order
+    (a (1, rows, cols) file has its rows on array axis 1), and the first remaining one as the slice normal."""
+    shape = tuple(shape) + (1,) * (3 - len(shape))
+    plane = [i for i, n in enumerate(shape[:3]) if n != 1][:2]
+    plane += [i for i in range(3) if i not in plane][:2 - len(plane)]  # a 1-pixel-wide slice keeps array order
+    return plane[0], plane[1], next(i for i in range(3) if i not in plane)
+
+
+def slice_geometry(affine, shape=(2, 2)) -> tuple[str, tuple[float, float]]:
+    """Orientation codes of (rows, cols, slice normal), e.g. 'RAS' (nibabel's aff2axcodes), and in-plane pixel
+    spacing (row mm, col mm) of a slice file with this affine and array shape."""
+    return _geometry(np.asarray(affine, np.float64)[:3, :3].tobytes(), plane_axes(shape))
 
 
 @functools.lru_cache(maxsize=1024)
-def _geometry(matrix: bytes) -> tuple[str, tuple[float, float]]:
+def _geometry(matrix: bytes, axes: tuple) -> tuple[str, tuple[float, float]]:
     """slice_geometry of a 3x3 affine (as bytes): the slices of a data set share a few, and aff2axcodes costs
     about as much as reading a slice."""
-    m = np.frombuffer(matrix).reshape(3, 3)
+    m = np.frombuffer(matrix).reshape(3, 3)[:, list(axes)]
     codes = "".join(c or "?" for c in nib.aff2axcodes(np.block([[m, np.zeros((3, 1))], [np.zeros((1, 3)), 1]])))
     spacing = np.sqrt((m[:, :2] ** 2).sum(axis=0))
     return codes, (round(float(spacing[0]), 4), round(float(spacing[1]), 4))
+
+
+def _stored_header(image, path):
+    """The NIfTI header of `path` as stored, without nibabel's fixes (image: the loaded image, for its type)."""
+    with (gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")) as f:
+        return type(image.header).from_fileobj(f, check=False)
+
+
+THICKNESS_MM = (0.1, 30.0)  # a slice thickness outside this range is taken as a header error
+
+
+def slice_thickness(image, shape, path) -> tuple[float, str | None]:
+    """A slice file's thickness in mm (the affine's slice axis) and, when the header gives none (pixdim 0, which
+    nibabel reads as 1 mm) or an implausible one, a warning naming the file."""
+    axis = plane_axes(shape)[2]
+    thickness = float(np.linalg.norm(np.asarray(image.affine, np.float64)[:3, axis]))
+    # An sform states the slice axis itself; otherwise it comes from pixdim, which nibabel turns from 0 into 1
+    # as it loads: read the header again as stored.
+    pixdim = 1.0 if int(image.header["sform_code"]) > 0 else float(_stored_header(image, path)["pixdim"][axis + 1])
+    if not np.isfinite(pixdim) or pixdim <= 0:
+        return thickness, (f"{path}: the header gives no slice thickness (pixdim[{axis + 1}] = {pixdim:g}); "
+                           f"distances and mL assume {thickness:g} mm")
+    if not THICKNESS_MM[0] <= thickness <= THICKNESS_MM[1]:
+        return thickness, (f"{path}: slice thickness {thickness:g} mm is implausible (expected "
+                           f"{THICKNESS_MM[0]:g}-{THICKNESS_MM[1]:g} mm); distances and mL use it as it is")
+    return thickness, None
 
 
 # ----------------------------------------------------------------------------- checks
@@ -179,38 +222,96 @@ def normalise_image(image: np.ndarray, mode: str = "minmax") -> np.ndarray:
     return out
 
 
-def resize_image(image: np.ndarray, size) -> np.ndarray:
-    """Resize intensities: area interpolation when shrinking, linear when enlarging."""
-    if image.shape[:2] == tuple(size):
-        return image
-    shrink = image.shape[0] * image.shape[1] > size[0] * size[1]
-    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-
-
 def resize_labels(labels: np.ndarray, size) -> np.ndarray:
     """Resize a label map by nearest neighbour only (any other interpolation invents labels).
 
-    INTER_NEAREST_EXACT samples at pixel centres, as the image's resize does; plain INTER_NEAREST samples at
+    INTER_NEAREST_EXACT samples at pixel centres, as the image's resampling does; plain INTER_NEAREST samples at
     floor(x * scale) and puts the mask half a source pixel away from its image.
     """
     if labels.shape[:2] == tuple(size):
         return labels
-    return cv2.resize(labels, (size[1], size[0]), interpolation=cv2.INTER_NEAREST_EXACT)
+    return cv2.resize(labels, (int(size[1]), int(size[0])), interpolation=cv2.INTER_NEAREST_EXACT)
 
 
-def preprocess_image(image: np.ndarray, prep: Preprocessing) -> np.ndarray:
-    """Network input (rows, cols) float32 from a raw slice: normalise, then fit (training and prediction)."""
+def grid_shape(shape, spacing, prep: Preprocessing) -> tuple:
+    """(rows, cols) of a slice of this shape and pixel spacing (mm) once on the network's pixel grid.
+
+    Without geometry (no spacing recorded by the run, or none known for the slice) a resize run resizes the whole
+    slice to the network size and a crop run takes the slice's pixels as they are.
+    """
+    shape = tuple(int(n) for n in shape[:2])
+    if prep.spacing is None or spacing is None:
+        return tuple(prep.size) if prep.fit == "resize" else shape
+    factors = [float(s) / float(t) for s, t in zip(spacing, prep.spacing)]
+    if not all(np.isfinite(f) and f > 0 for f in factors):
+        raise ValueError(f"pixel spacing {list(spacing)} mm is not two positive numbers")
+    if max(abs(f - 1) for f in factors) <= SPACING_TOLERANCE:
+        return shape
+    return tuple(max(1, int(round(n * f))) for n, f in zip(shape, factors))
+
+
+def to_grid(image: np.ndarray, spacing, prep: Preprocessing) -> np.ndarray:
+    """Normalised intensities (rows', cols') float32 of a raw slice on the network's pixel grid (see grid_shape)."""
     image = normalise_image(image, prep.norm)
-    if prep.fit == "resize":
-        return resize_image(image, prep.size)
-    return pad_or_crop_center(image, prep.size, float(image.min()))  # padded with the slice's background
+    shape = grid_shape(image.shape, spacing, prep)
+    if shape == image.shape:
+        return image
+    return geometry.resample_slices(image[None], size=shape)[0]  # area when shrinking, linear when enlarging
 
 
-def fit_labels(labels: np.ndarray, prep: Preprocessing) -> np.ndarray:
-    """A label map brought to the network size exactly as preprocess_image brings its image."""
-    if prep.fit == "resize":
-        return resize_labels(labels, prep.size)
-    return pad_or_crop_center(labels, prep.size, 0)
+def input_window(image: np.ndarray, size) -> tuple[tuple, bool]:
+    """Top-left corner of the network input on a grid slice, and whether all of the anatomy is inside it.
+
+    Per axis: a slice no longer than the input is centred in it (a negative start: padding). A longer one gets a
+    window centred on all of its anatomy (every pixel brighter than a tenth of the range up to the 99.5th
+    percentile, so a few hot pixels do not set the scale, though they count as anatomy); when the anatomy is
+    longer than the input, the window is centred on the anatomy's median pixel and `fits` is False: training
+    takes that crop, prediction covers the slice with tiles instead.
+    """
+    if image.shape[0] <= size[0] and image.shape[1] <= size[1]:
+        return (-((int(size[0]) - image.shape[0]) // 2), -((int(size[1]) - image.shape[1]) // 2)), True
+    lo = float(image.min())
+    rows, cols = np.nonzero(image > lo + 0.1 * (float(np.percentile(image, 99.5)) - lo))
+    corner, fits = [], True
+    for where, n, t in ((rows, image.shape[0], int(size[0])), (cols, image.shape[1], int(size[1]))):
+        if n <= t:
+            corner.append(-((t - n) // 2))  # the odd pixel after, as geometry.pad_or_crop_center
+            continue
+        if len(where) == 0:
+            corner.append((n - t) // 2)
+            continue
+        first, last = int(where.min()), int(where.max())
+        if last - first + 1 <= t:
+            start = (first + last + 1 - t) // 2
+        else:
+            fits, start = False, int(np.median(where)) - t // 2
+        corner.append(min(max(start, 0), n - t))
+    return tuple(corner), fits
+
+
+def take_window(array: np.ndarray, corner, size, fill) -> np.ndarray:
+    """array[r:r + rows, c:c + cols] for a corner from input_window, padded with `fill` where it starts before 0."""
+    pads = [(max(0, -int(c)), max(0, int(c) + int(t) - n)) for c, t, n in zip(corner, size, array.shape[:2])]
+    if any(p for pair in pads for p in pair):
+        array = np.pad(array, pads + [(0, 0)] * (array.ndim - 2), constant_values=fill)
+    r, c = (max(0, int(k)) for k in corner)
+    return array[r:r + int(size[0]), c:c + int(size[1])]
+
+
+def preprocess_image(image: np.ndarray, prep: Preprocessing, spacing=None) -> np.ndarray:
+    """Network input (rows, cols) float32 of a raw slice of this pixel spacing: to_grid, then input_window."""
+    grid = to_grid(image, spacing, prep)
+    corner, _ = input_window(grid, prep.size)
+    return take_window(grid, corner, prep.size, float(grid.min()))  # padded with the slice's background
+
+
+def preprocess_pair(image: np.ndarray, labels: np.ndarray, prep: Preprocessing, spacing=None):
+    """A training pair brought to the network input: the image as preprocess_image, the labels along with it."""
+    grid = to_grid(image, spacing, prep)
+    corner, _ = input_window(grid, prep.size)
+    labels = resize_labels(labels, grid.shape)
+    return (take_window(grid, corner, prep.size, float(grid.min())),
+            np.ascontiguousarray(take_window(labels, corner, prep.size, 0)))
 
 
 # ----------------------------------------------------------------------------- targets

@@ -16,13 +16,14 @@ Presets (pairs per split = volumes x slices per volume; weeks per case cycle thr
 About 5% of volumes (at least one per split) are 256 x 144 instead of 256 x 128, and about 3% of
 pairs (at least one per split) carry a trailing singleton axis, (256, 128, 1).
 
-Arrays (drawn by phantom.py): axis 0 (256) runs from the patient's right to left, axis 1 (128/144) from
-posterior to anterior. Images are float32 MR intensities; masks are float32 labels 0 background, 1 body,
-2 bone, 3 bladder, 4 rectum, 5 prostate. Every random draw comes from a generator seeded by (seed, case[,
-week[, split, slice]]), so the bytes do not depend on the number of worker processes; gzip is written with
-mtime 0.
+Arrays (drawn by phantom.py): axis 0 (256) runs from the patient's left to right (toward R) and axis 1
+(128/144) from posterior to anterior (toward A), as every file's affine says: AFFINE, 1 mm pixels and 3 mm
+slices, which nibabel's `aff2axcodes` reads as R, A, S. Images are float32 MR intensities; masks are float32
+labels 0 background, 1 body, 2 bone, 3 bladder, 4 rectum, 5 prostate. Every random draw comes from a
+generator seeded by (seed, case[, week[, split, slice]]), so the bytes do not depend on the number of worker
+processes; gzip is written with mtime 0.
 
-    python synthetic.py --out /tmp/phantom --preset demo --preview images/phantom_slices.png
+    python synthetic.py --out data/phantom-demo --preset demo --preview images/phantom_slices.png
 """
 from __future__ import annotations
 
@@ -187,7 +188,8 @@ def preview_slices(data_dir, seed: int, preset: str = "demo") -> list[tuple[str,
 
 
 def save_preview(path, data_dir=None, seed: int = 42) -> None:
-    """PNG of phantom slices (radiological view) above the same slices with their labels overlaid."""
+    """PNG of phantom slices above the same slices with their labels overlaid, drawn by figures.view: anterior up
+    and, the slices being RAS, the patient's right on the viewer's right (neurological convention)."""
     info = {"preset": "demo", "seed": seed}  # without a data folder the slices are rendered in memory
     if data_dir is not None:
         if not Path(data_dir, MARKER).exists():
@@ -201,6 +203,9 @@ def save_preview(path, data_dir=None, seed: int = 42) -> None:
 
 def write_scans(data_dir, out_dir, split: str = "test") -> list[Path]:
     """Each case-week of a split as one 3D scan, stored as a scanner might: LPS axes with the slices first.
+
+    The affine says so: nibabel's `aff2axcodes` gives S, L, P (axis 0 the slices, toward superior; axis 1 toward
+    the patient's left; axis 2 toward posterior).
 
     The slices are stacked in slice order (top of the scan first); wider volumes keep their own width. These are
     the whole-scan inputs that `predict.py --input` takes; their masks come back in this same geometry.

@@ -96,10 +96,30 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default=None, help="decoded-data cache (default $HIPMRI_CACHE or ~/.cache/hipmri-unet)")
     p.add_argument("--skip-bad", action="store_true", help="leave out unreadable pairs, reporting each")
     p.add_argument("--max-bad-fraction", type=float, default=0.05, help="with --skip-bad, refuse above this share")
+    p.add_argument("--strict", action="store_true", help="refuse data whose splits share a case (default: warn)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    checks = [(args.epochs >= 1, f"--epochs {args.epochs}: expected 1 or more"),
+              (args.batch_size >= 1, f"--batch-size {args.batch_size}: expected 1 or more"),
+              (args.lr > 0 and np.isfinite(args.lr), f"--lr {args.lr:g}: expected a positive number"),
+              (0 <= args.ema < 1, f"--ema {args.ema:g}: expected a share of the run in [0, 1) (0: no average)"),
+              (args.warmup >= 0, f"--warmup {args.warmup:g}: expected 0 or more epochs"),
+              (args.schedule == "plateau" or args.warmup <= args.epochs,
+               f"--warmup {args.warmup:g}: longer than the run (--epochs {args.epochs}); the rate would never "
+               "reach its peak"),
+              (args.base_filters >= 1, f"--base-filters {args.base_filters}: expected 1 or more"),
+              (args.patience >= 0, f"--patience {args.patience}: expected 0 or more"),
+              (args.early_stopping >= 0, f"--early-stopping {args.early_stopping}: expected 0 or more"),
+              (0 <= args.max_bad_fraction <= 1, f"--max-bad-fraction {args.max_bad_fraction:g}: expected a share "
+               "between 0 and 1"),
+              (args.cpu_replicas >= 0, f"--cpu-replicas {args.cpu_replicas}: expected 0 or more")]
+    for ok, message in checks:
+        if not ok:
+            p.error(message)
     args.class_names = [c.strip() for c in args.class_names.split(",")]
     args.num_classes = args.num_classes or len(args.class_names)
+    if args.num_classes < 2 or len(set(args.class_names)) != len(args.class_names):
+        p.error(f"--class-names {args.class_names}: expected two or more distinct names, background first")
     if args.num_classes != len(args.class_names):
         p.error(f"--num-classes {args.num_classes} but {len(args.class_names)} --class-names")
     size = args.size
@@ -312,7 +332,11 @@ def train(args) -> dict:
     out = chief_dir(Path(args.out), is_chief)
 
     data_dir = dataset.find_data_root(args.data_dir) if args.data_dir else default_data(not args.quiet)
-    prep = Preprocessing(args.size, args.norm, args.num_classes, args.fit)
+    for message in dataset.check_disjoint_cases(data_dir, args.strict):
+        print(f"warning: {message}", file=sys.stderr)
+    # The network's pixel spacing comes from the training slices' headers, before any slice is loaded through it.
+    spacing = config.network_spacing(dataset.header_geometry(data_dir, "train", args.cache_dir), args.fit, args.size)
+    prep = Preprocessing(args.size, args.norm, args.num_classes, args.fit, spacing)
     load = dict(prep=prep, cache_dir=args.cache_dir, progress=not args.quiet, skip_bad=args.skip_bad,
                 max_bad_fraction=args.max_bad_fraction)
     train_data = dataset.load_split(data_dir, "train", **load)

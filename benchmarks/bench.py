@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py            # full phantom (12,660 pairs), base 16 and 64
     python benchmarks/bench.py --quick    # demo phantom, base 16 only, fewer steps (~2 min)
-    python benchmarks/bench.py --peers    # also the reference Keras script (/work/shared/reference)
+    python benchmarks/bench.py --peers --peers-dir DIR   # also DIR/keras_unet_speed.py, the reference Keras script
     python benchmarks/bench.py --dice     # also the demo run under each precision: validation Dice (~20 min)
 
 Prints a markdown table and writes every number, with the machine it ran on, to --out. Timings on a
@@ -43,7 +43,7 @@ from atomic_io import atomic_write_json  # noqa: E402
 from preprocess import Preprocessing, make_target  # noqa: E402
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
-PEERS = Path(os.environ.get("BENCH_PEERS", "/work/shared/reference"))
+PEERS_ENV = "BENCH_PEERS"  # the folder of the reference script, when --peers-dir is not given
 BATCH = 8  # train.py's default
 
 
@@ -288,11 +288,12 @@ def dice_check(work: Path, precisions) -> list:
 
 # ----------------------------------------------------------------------------- peers
 
-def run_peer(base: int, precision: str) -> dict:
-    """The reference Keras script (random data, plain U-Net) under a precision policy: train and predict img/s."""
+def run_peer(peers: Path, base: int, precision: str) -> dict:
+    """The reference Keras script peers/keras_unet_speed.py (random data, plain U-Net) under a precision policy:
+    train and predict img/s."""
     code = (f"import sys, keras; keras.mixed_precision.set_global_policy({precision!r}); "
             f"sys.argv = ['keras_unet_speed.py', '{base}']; import runpy; "
-            f"runpy.run_path({str(PEERS / 'keras_unet_speed.py')!r}, run_name='__main__')")
+            f"runpy.run_path({str(Path(peers) / 'keras_unet_speed.py')!r}, run_name='__main__')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     train_s, pred_s = (float(m) for m in re.findall(r"([\d.]+) img/s", proc.stdout))
     return {"base": base, "precision": precision, "train_img_s": train_s, "predict_img_s": pred_s}
@@ -342,13 +343,23 @@ def parse_args(argv=None):
     p.add_argument("-q", "--quick", action="store_true", help="demo phantom, base 16 only, fewer steps (~2 min)")
     p.add_argument("-o", "--out", default=str(ROOT / "benchmarks" / "results.json"), help="where the numbers go")
     p.add_argument("-w", "--work", default=str(ROOT / "benchmarks" / "work"), help="folder for the phantom, caches and runs")
-    p.add_argument("--peers", action="store_true", help="also run the reference Keras script, float32 and bfloat16")
+    p.add_argument("--peers", action="store_true", help="also run the reference Keras script, float32 and bfloat16 "
+                   "(needs --peers-dir)")
+    p.add_argument("--peers-dir", default=os.environ.get(PEERS_ENV) or None, metavar="DIR",
+                   help=f"folder holding the reference script keras_unet_speed.py, for --peers (default: the "
+                   f"{PEERS_ENV} environment variable; no default otherwise)")
     p.add_argument("--dice", action="store_true", help="also train the demo run under each precision (~20 min)")
     p.add_argument("--parts", default="load,train,score", help="comma-separated subset of load,train,score")
     p.add_argument("--bases", default=None, help="comma-separated base filters to time (default: 16,64; quick: 16)")
     p.add_argument("--train-flags", default="", help="train.py flags for the timed model and pipeline, e.g. "
                    "'--augment wide'")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.peers:
+        if not args.peers_dir:
+            p.error(f"--peers needs the reference script's folder: --peers-dir DIR (or {PEERS_ENV}=DIR)")
+        if not (Path(args.peers_dir) / "keras_unet_speed.py").is_file():
+            p.error(f"--peers-dir {args.peers_dir}: no keras_unet_speed.py there")
+    return args
 
 
 def main(argv=None) -> int:
@@ -387,7 +398,7 @@ def main(argv=None) -> int:
             res["dice"] = dice_check(work, precisions)
         if args.peers:
             print("reference peers", flush=True)
-            res["peers"] = [run_peer(16, p) for p in precisions]
+            res["peers"] = [run_peer(Path(args.peers_dir), 16, p) for p in precisions]
     finally:
         shutil.rmtree(cache, ignore_errors=True)  # gigabytes on the full preset
     res["machine"]["load_average_end"] = os.getloadavg()

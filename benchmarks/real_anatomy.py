@@ -2,7 +2,7 @@
 
     python benchmarks/real_anatomy.py                          # all systems, both regimes, seeds 42-44 (make real-anatomy)
     python benchmarks/real_anatomy.py --systems ours --label zscore --ours-flags="--norm zscore"   # one ablation row
-    python benchmarks/real_anatomy.py --systems ours --label before --repo /tmp/old   # another checkout's code
+    python benchmarks/real_anatomy.py --systems ours --label before --repo ../old-checkout   # another checkout's code
 
 Data: the MNI152 2009a T1 template and its grey- and white-matter maps, shipped inside the nilearn wheel
 (fetched once with `pip download`; nothing else is fetched). Labels: 0 outside the brain, 1 CSF and other
@@ -170,13 +170,14 @@ def run_ours(data: Path, out: Path, a, seed: int, epochs: int) -> dict:
 def peer_arrays(data: Path, split: str, size) -> tuple:
     """The seed's preprocessing for a peer: per-slice min-max to [0, 1], resized; labels nearest (centred)."""
     import dataset
-    from preprocess import read_slice, resize_image, resize_labels
+    from geometry import resample_slices
+    from preprocess import read_slice, resize_labels
     refs = dataset.list_split(data, split)
     images, labels, truth = [], [], []
     for r in refs:
         img, lab = read_slice(r.image), read_slice(r.mask).astype(np.uint8)
         lo, hi = img.min(), img.max()
-        images.append(resize_image((img - lo) / max(hi - lo, 1e-6), size))
+        images.append(resample_slices(((img - lo) / max(hi - lo, 1e-6))[None], size=size)[0])
         labels.append(resize_labels(lab, size))
         truth.append(lab)
     return refs, np.stack(images).astype(np.float32), np.stack(labels), truth

@@ -171,15 +171,21 @@ def test_threads_processes_and_the_cache_agree(tiny_data, tmp_path, monkeypatch)
 
 
 def test_crop_fit_keeps_pixels_as_they_are(tiny_data):
-    """--fit crop: a 256x144 slice loses 8 columns on each side, a 256x128 one is unchanged; masks alike."""
+    """--fit crop at the slices' own spacing: a 256x144 slice keeps 128 of its columns, the window around its
+    anatomy (no labelled pixel lost), a 256x128 one is unchanged; its mask is cut at the same columns."""
     from preprocess import normalise_image, read_slice
-    data = dataset.load_split(tiny_data, "train", Preprocessing(fit="crop"), use_cache=False, progress=False)
-    wide = next(i for i, s in enumerate(data.orig_shapes) if s == (256, 144))
+    prep = Preprocessing(fit="crop", norm="percentile", spacing=(1.0, 1.0))
+    data = dataset.load_split(tiny_data, "train", prep, use_cache=False, progress=False)
+    wides = [i for i, s in enumerate(data.orig_shapes) if s == (256, 144)]
     narrow = next(i for i, s in enumerate(data.orig_shapes) if s == (256, 128))
-    for i, cols in ((wide, slice(8, 136)), (narrow, slice(0, 128))):
+    assert wides
+    for i in [narrow, *wides]:
         raw, mask = read_slice(data.refs[i].image), read_slice(data.refs[i].mask)
-        np.testing.assert_allclose(data.images[i, ..., 0], normalise_image(raw)[:, cols], atol=1e-6)
-        np.testing.assert_array_equal(data.masks[i], mask[:, cols])
+        image = normalise_image(raw, "percentile")
+        offsets = [c for c in range(raw.shape[1] - 127) if np.allclose(data.images[i, ..., 0], image[:, c:c + 128])]
+        assert len(offsets) == 1, offsets  # the network input is the slice's own pixels, not resampled
+        np.testing.assert_array_equal(data.masks[i], mask[:, offsets[0]:offsets[0] + 128])
+        assert (data.masks[i] > 0).sum() == (mask > 0).sum()  # the anatomy is whole in the window
 
 
 def test_a_wide_slice_and_its_mask_stay_aligned_through_the_loader(tmp_path):
@@ -248,4 +254,25 @@ def test_skip_bad_also_skips_unpaired_and_info_lists_every_problem(tmp_path, cap
         assert "slice_9.nii.gz: no partner (no mask)" in data.skipped[0] and "slice_2" in data.skipped[1]
     assert dataset.main(["info", "--data-dir", str(root), "--cache-dir", str(cache)]) == 1
     out = capsys.readouterr().out
-    assert "problems: 2" in out and "no partner" in out and "slice_2.nii.gz: truncated or corrupt gzip" in out
+    assert "problems: 3" in out and "no partner" in out and "slice_2.nii.gz: truncated or corrupt gzip" in out
+    assert "case 001 is also in the validate, test split(s)" in out  # make_layout puts case 1 in every split
+
+
+def test_a_slice_stored_with_its_singleton_axis_first_keeps_its_own_pixel_spacing(tmp_path):
+    """(1, rows, cols) files: the pixel spacing is that of the rows and columns, not of the singleton (slice) axis,
+    in the loader and in the header pass that fixes the network's spacing; the thickness is the singleton's."""
+    import nibabel as nib
+    from preprocess import slice_geometry, slice_thickness
+    affine = np.diag([5.0, 0.5, 0.8, 1.0])
+    image = np.zeros((1, 64, 32), np.float32)
+    image[0, 20:40, 8:24] = 900.0
+    for split in ("train",):
+        write_nifti(tmp_path / f"keras_slices_{split}" / "case_001_week_0_slice_0.nii.gz", image, affine)
+        write_nifti(tmp_path / f"keras_slices_seg_{split}" / "seg_001_week_0_slice_0.nii.gz", image > 0, affine,
+                    dtype=np.float32)
+    assert slice_geometry(affine, (1, 64, 32)) == ("ASR", (0.5, 0.8))
+    data = dataset.load_split(tmp_path, "train", use_cache=False, progress=False)
+    assert data.geometry == [("ASR", (0.5, 0.8))] and data.orig_shapes == [(64, 32)]
+    assert dataset.header_geometry(tmp_path, "train", cache_dir=tmp_path / "c")["spacing_mm_median"] == [0.5, 0.8]
+    path = tmp_path / "keras_slices_train" / "case_001_week_0_slice_0.nii.gz"
+    assert slice_thickness(nib.load(path), (1, 64, 32), path) == (5.0, None)

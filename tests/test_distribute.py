@@ -1,4 +1,5 @@
-"""tf.distribute for real on the CPU: two mirrored replicas, and two worker processes on 127.0.0.1."""
+"""tf.distribute for real on the CPU: two mirrored replicas, and two worker processes on 127.0.0.1; and the guard on
+the private Keras names that distribute.py patches."""
 import csv
 import json
 import os
@@ -10,6 +11,7 @@ import keras
 import pytest
 from conftest import ROOT, SMALL
 
+import distribute
 import modules  # noqa: F401  (registers the custom objects for load_model)
 
 TIMEOUT = 300
@@ -80,6 +82,85 @@ def _train_cmd(data, out, epochs, *extra):
 def _losses(run):
     with open(run / "history.csv") as f:
         return [(float(r["loss"]), float(r["val_loss"])) for r in csv.DictReader(f)]
+
+
+def test_the_private_keras_names_that_distribute_patches_exist():
+    """Fails loudly when a Keras upgrade renames what the keras-team/keras#20585 work-arounds patch."""
+    from keras.src.backend.tensorflow import trainer
+
+    version = f"Keras {keras.__version__}"
+    assert callable(getattr(trainer, "_collective_all_reduce_multi_worker", None)), \
+        f"{version}: keras.src.backend.tensorflow.trainer._collective_all_reduce_multi_worker is gone"
+    assert callable(getattr(keras.Model, "_maybe_symbolic_build", None)), \
+        f"{version}: keras.Model._maybe_symbolic_build is gone"
+    # ... and they still take the arguments that the replacements take and pass.
+    distribute.keras_private(trainer, "_collective_all_reduce_multi_worker", "trainer", ("strategy",))
+    distribute.keras_private(keras.Model, "_maybe_symbolic_build", "keras.Model", ("iterator", "data_batch"))
+
+
+def test_keras_is_pinned_to_the_tested_range():
+    """requirements*.txt pin keras to the minor versions whose private names distribute.py was tested with."""
+    for name in ("requirements.txt", "requirements-gpu.txt"):
+        pins = [line.split("#")[0].strip() for line in (ROOT / name).read_text().splitlines()
+                if line.startswith("keras")]
+        assert pins == [f"keras{distribute.TESTED_KERAS}"], (name, pins)
+
+
+class _Model:
+    """Stands in for a Keras model: records how the build it gets is called."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        self.calls.append((iterator, data_batch))
+
+
+def _untouched():
+    """A dataset that fails if the guard lets anything read it."""
+    raise AssertionError("the dataset was read before the guard ran")
+    yield
+
+
+def test_build_from_one_batch_hands_keras_the_plain_batch():
+    model = _Model()
+    distribute.build_from_one_batch(model, [("x", "y")])
+    model._maybe_symbolic_build(iterator="distributed iterator")
+    assert model.calls == [(None, ("x", "y"))]
+
+
+@pytest.mark.parametrize("change", ["missing", "not callable", "other parameters"])
+def test_the_guard_stops_a_patch_that_would_do_nothing(monkeypatch, change):
+    """A renamed, replaced or re-signed private name is a clear RuntimeError naming it, the Keras version and the
+    fix, raised before anything is patched or read."""
+    from keras.src.backend.tensorflow import trainer
+
+    model = _Model()
+    if change == "missing":
+        monkeypatch.delattr(_Model, "_maybe_symbolic_build")
+        monkeypatch.delattr(trainer, "_collective_all_reduce_multi_worker")
+        problems = ("keras.Model has no attribute _maybe_symbolic_build",
+                    "keras.src.backend.tensorflow.trainer has no attribute _collective_all_reduce_multi_worker")
+    elif change == "not callable":
+        model._maybe_symbolic_build = 0
+        monkeypatch.setattr(trainer, "_collective_all_reduce_multi_worker", 0)
+        problems = ("keras.Model._maybe_symbolic_build is not a function but int 0",
+                    "keras.src.backend.tensorflow.trainer._collective_all_reduce_multi_worker is not a function")
+    else:
+        model._maybe_symbolic_build = lambda data: None
+        monkeypatch.setattr(trainer, "_collective_all_reduce_multi_worker", lambda: None)
+        problems = ("keras.Model._maybe_symbolic_build no longer takes ['iterator', 'data_batch']",
+                    "keras.src.backend.tensorflow.trainer._collective_all_reduce_multi_worker no longer takes "
+                    "['strategy']")
+    before = getattr(trainer, "_collective_all_reduce_multi_worker", "absent")
+    for call, problem in zip((lambda: distribute.build_from_one_batch(model, _untouched()),
+                              distribute._keep_keras_from_reducing_scalars_across_workers), problems):
+        with pytest.raises(RuntimeError) as raised:
+            call()
+        message = str(raised.value)
+        assert message.startswith(f"Keras {keras.__version__}: {problem}"), message
+        assert f"pip install 'keras{distribute.TESTED_KERAS}'" in message and "keras-team/keras#20585" in message
+    assert getattr(trainer, "_collective_all_reduce_multi_worker", "absent") is before  # nothing was patched
 
 
 def test_mirrored_replicas_see_disjoint_data_and_match_one_device(tiny_data, tmp_path):

@@ -73,9 +73,84 @@ def test_volumes_are_stacked_in_slice_order_and_scored_as_3d():
 
 
 def test_volume_with_a_wider_slice_pads_with_background():
+    # The narrower slice is centred, as geometry.pad_or_crop_center centres it: 1 column of background each side.
     refs = [ref(1, 0, 0), ref(1, 0, 1)]
     volumes = evaluate.stack_volumes(refs, [np.ones((4, 6), np.uint8), np.ones((4, 8), np.uint8)])
-    assert volumes["case_001_week_0"].shape == (2, 4, 8) and volumes["case_001_week_0"][0, :, 6:].sum() == 0
+    assert volumes["case_001_week_0"].shape == (2, 4, 8)
+    assert volumes["case_001_week_0"][0].sum(axis=0).tolist() == [0, 4, 4, 4, 4, 4, 4, 0]
+
+
+def test_smaller_slice_is_centred_with_the_odd_pixel_after():
+    refs = [ref(1, 0, 0), ref(1, 0, 1)]
+    volumes = evaluate.stack_volumes(refs, [np.ones((2, 3), np.uint8), np.zeros((5, 5), np.uint8)])
+    small = volumes["case_001_week_0"][0]
+    assert small.any(axis=0).nonzero()[0].tolist() == [1, 2, 3]  # 3 wide in 5: columns 1..3
+    assert small.any(axis=1).nonzero()[0].tolist() == [1, 2]  # 2 high in 5: rows 1..2, the odd row after
+
+
+def test_volume_gaps_names_the_missing_slice_numbers():
+    refs = [ref(1, 0, 3), ref(2, 0, 1), ref(1, 0, 0), ref(2, 0, 2), ref(1, 0, 1), ref(3, 0, 0), ref(3, 0, 5)]
+    assert evaluate.volume_gaps(refs) == {"case_001_week_0": [2], "case_003_week_0": [1, 2, 3, 4]}
+
+
+def split_with_blobs(slices_per_case):
+    """Truth a 4x4 square on every slice, prediction the same square one column to the right."""
+    refs = [ref(case, 0, sl) for case, slices in slices_per_case.items() for sl in slices]
+    truths, preds = [np.zeros((8, 8), np.uint8) for _ in refs], [np.zeros((8, 8), np.uint8) for _ in refs]
+    for t, p in zip(truths, preds):
+        t[2:6, 2:6] = 1
+        p[2:6, 3:7] = 1
+    return refs, truths, preds
+
+
+def test_volume_with_a_gap_has_dice_and_ml_but_no_distances():
+    refs, truths, preds = split_with_blobs({1: [0, 1, 3], 2: [0, 1, 2]})
+    spacings = {"case_001_week_0": (3.0, 1.0, 1.0), "case_002_week_0": (3.0, 1.0, 1.0)}
+    summary, arrays = evaluate.score_split(refs, truths, preds, [1, 2], ["one", "two"], spacings)
+    assert evaluate.volume_gaps(refs) == {"case_001_week_0": [2]}
+    rows = {(r["volume"], r["label"]): r for r in arrays["volume_rows"]}
+    gap, whole = rows["case_001_week_0", "one"], rows["case_002_week_0", "one"]
+    assert arrays["volume_dice_by_name"]["case_001_week_0", "one"] == pytest.approx(0.75)  # 12 of 16 pixels overlap
+    assert gap["truth_ml"] == pytest.approx(3 * 16 * 3 / 1000)  # the slices present
+    assert math.isnan(gap["hd95_mm"]) and math.isnan(gap["asd_mm"])
+    assert whole["hd95_mm"] == pytest.approx(1.0)  # the one volume without a gap is measured
+    assert summary["physical"]["one"]["hd95_mm"]["n"] == 1
+    assert summary["physical"]["one"]["volumes_without_distance"] == 1
+    assert summary["physical"]["one"]["volume_error_ml"] == pytest.approx(0.0)  # same size, shifted
+    assert summary["dice_per_volume"]["one"]["n"] == 2
+    assert len(summary["warnings"]) == 1
+    assert "case_001_week_0" in summary["warnings"][0] and "slice 2 missing" in summary["warnings"][0]
+
+
+def test_unknown_spacing_gives_dice_but_no_ml_or_distances(tmp_path):
+    refs, truths, preds = split_with_blobs({1: [0, 1], 2: [0, 1]})
+    spacings = {"case_001_week_0": None, "case_002_week_0": (3.0, 1.0, 1.0)}
+    summary, arrays = evaluate.score_split(refs, truths, preds, [1, 2], ["one", "two"], spacings)
+    rows = {(r["volume"], r["label"]): r for r in arrays["volume_rows"]}
+    unknown = rows["case_001_week_0", "one"]
+    assert all(math.isnan(unknown[k]) for k in ("truth_ml", "pred_ml", "hd95_mm", "asd_mm"))
+    assert arrays["volume_dice_by_name"]["case_001_week_0", "one"] == pytest.approx(0.75)
+    assert summary["physical"]["one"]["volumes_without_distance"] == 1
+    assert summary["physical"]["one"]["volume_error_ml"] == pytest.approx(0.0)  # the NaN volume left out
+    assert summary["warnings"] == ["case_001_week_0: voxel spacing unknown; it has Dice and IoU but no mL, HD95 or ASD"]
+    evaluate.write_per_volume_csv(tmp_path / "v.csv", arrays["volume_rows"], arrays["volume_dice_by_name"])
+    lines = (tmp_path / "v.csv").read_text().splitlines()
+    assert lines[1] == "case_001_week_0,one,0.750000,,,,"
+
+
+def test_absent_labels_have_no_value_anywhere(tmp_path):
+    # Label 2 is in no truth and no prediction: every summary says "no value" (None, NaN, an empty cell), never 0.
+    refs, truths, preds = split_with_blobs({1: [0, 1]})
+    summary, arrays = evaluate.score_split(refs, truths, preds, [1, 2], ["one", "two"], {"case_001_week_0": (1, 1, 1)})
+    for key in ("dice_per_slice", "dice_per_volume", "iou_per_slice", "iou_per_volume"):
+        assert summary[key]["two"] == {"mean": None, "std": None, "n": 0}
+    two = summary["physical"]["two"]
+    assert two["hd95_mm"]["mean"] is None and two["asd_mm"]["mean"] is None and two["volume_error_ml"] is None
+    assert evaluate.mean_of_means({"two": summary["dice_per_slice"]["two"]}) is None
+    evaluate.write_per_volume_csv(tmp_path / "v.csv", arrays["volume_rows"], arrays["volume_dice_by_name"])
+    row = (tmp_path / "v.csv").read_text().splitlines()[2].split(",")
+    assert row[:3] == ["case_001_week_0", "two", ""] and row[5:] == ["", ""]
+    assert summary["warnings"] == []
 
 
 def squares(spacing):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
+import geometry
 import inference
 import predict
 from preprocess import Preprocessing, resize_labels
@@ -96,8 +97,12 @@ def test_probabilities_uncertainty_preview_and_the_axis_override(tiny_run, tiny_
     assert unsure.shape == volume.shape and 0 <= unsure.min() and unsure.max() <= 1 and unsure.std() > 0
     mask = np.asanyarray(nib.load(out / "scan_mask.nii").dataobj)
     np.testing.assert_array_equal(mask, inference.labels_of(probs))
-    # A volume is segmented slice by slice: its slice 3 gets the labels of the same slice on its own.
-    np.testing.assert_array_equal(mask[..., 3], np.asanyarray(nib.load(out / "slice_mask.nii.gz").dataobj)[..., 0])
+    # A volume is segmented slice by slice: its slice 3 gets the probabilities of the same slice on its own (up to
+    # float rounding: the network runs on batches of 8 slices, then of 1).
+    alone = nib.load(out / "slice_probabilities.nii.gz").get_fdata(dtype=np.float32)[:, :, 0]
+    np.testing.assert_allclose(probs[:, :, 3], alone, atol=1e-4)
+    agree = mask[..., 3] == np.asanyarray(nib.load(out / "slice_mask.nii.gz").dataobj)[..., 0]
+    assert agree.mean() > 0.999
     assert (out / "scan_mask.png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
     assert predict.main(["--run", str(tiny_run), "--input", str(path), "--output-dir", str(tmp_path / "axis"),
@@ -156,6 +161,65 @@ def test_without_geometry_slices_are_fitted_as_training_fitted_them(fit):
     probs, done = inference.Predictor(model, Preprocessing(size=(32, 32), fit=fit, num_classes=2)).slices(raw)
     assert probs.shape == (1, 64, 40, 2)
     assert all(shape == (32, 32) for shape in model.shapes)
-    assert done["fit"] == ("resize" if fit == "resize" else "tiles")
+    assert done["fit"] == ("resize" if fit == "resize" else "pixels")
     labels = inference.labels_of(probs)[0]
     assert labels[20:40, 8:24].mean() > 0.9 and labels.sum() < 1.2 * 20 * 16
+
+
+class _RingModel:
+    """A stand-in network: class k where the normalised intensity is near k / (K - 1), pixel by pixel."""
+
+    def __init__(self, classes):
+        self.classes = classes
+
+    def predict_on_batch(self, batch):
+        centres = np.linspace(0, 1, self.classes, dtype=np.float32)
+        logits = -60.0 * (batch - centres) ** 2  # (b, rows, cols, K)
+        e = np.exp(logits - logits.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+
+def _rings(spacing, field=(112.0, 96.0), slices=2):
+    """Concentric rings of labels 1..5 (10 mm wide) rendered at this (row, col) pixel spacing: voxels and labels."""
+    rows, cols = (int(round(f / s)) for f, s in zip(field, spacing))
+    r = (np.arange(rows) + 0.5) * spacing[0] - field[0] / 2
+    c = (np.arange(cols) + 0.5) * spacing[1] - field[1] / 2
+    radius = np.hypot(*np.meshgrid(r, c, indexing="ij"))
+    labels = np.select([radius < 10, radius < 20, radius < 30, radius < 40, radius < 47], [5, 4, 3, 2, 1], 0)
+    return np.repeat((labels * 200.0)[..., None], slices, -1).astype(np.float32), labels.astype(np.uint8)
+
+
+@pytest.mark.parametrize("spacing", [0.47, 0.8, 1.5, 2.5, 3.0])
+def test_input_at_any_spacing_gives_the_mask_of_the_model_spacing(spacing):
+    """A 6-class model of 1 mm pixels segments a scan of other pixel spacings, per axis and both (OpenCV's area
+    resize refuses more than 4 channels at a non-integer factor): the mask, brought to 1 mm, matches the mask of
+    the same scan at 1 mm."""
+    prep = Preprocessing(size=(128, 112), norm="minmax", num_classes=6, fit="crop", spacing=(1.0, 1.0))
+    predictor = inference.Predictor(_RingModel(6), prep, codes="RAS", data_spacing=(1.0, 1.0))
+    reference = inference.labels_of(predictor.volume(*_volume((1.0, 1.0)))[0])[..., 0]
+    assert np.array_equal(reference, _rings((1.0, 1.0))[1])
+    for pixel in [(spacing, 1.0), (1.0, spacing), (spacing, spacing)]:
+        probs, done = predictor.volume(*_volume(pixel))
+        assert probs.shape[:2] == _rings(pixel)[1].shape and probs.shape[-1] == 6
+        np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-4)
+        mask = resize_labels(inference.labels_of(probs)[..., 0], reference.shape)
+        for label in range(1, 6):
+            t, p = reference == label, mask == label
+            dice = 2 * (t & p).sum() / (t.sum() + p.sum())
+            assert dice > 0.85, (pixel, label, dice)
+
+
+def _volume(pixel):
+    data, _ = _rings(pixel)
+    return data, np.diag([pixel[0], pixel[1], 2.0, 1.0])
+
+
+@pytest.mark.parametrize("classes", [1, 2, 4, 5, 6, 7, 32])
+def test_probabilities_resample_for_any_class_count_and_factor(classes):
+    rng = np.random.default_rng(classes)
+    probs = rng.random((2, 40, 30, classes)).astype(np.float32)
+    probs /= probs.sum(-1, keepdims=True)
+    for factors in [(0.47, 1.0), (1.0, 0.8), (1.5, 2.5), (3.0, 0.47), (0.8, 0.8)]:
+        out = geometry.resample_slices(probs, *factors)
+        assert out.shape == (2, round(40 * factors[0]), round(30 * factors[1]), classes)
+        np.testing.assert_allclose(out.sum(-1), 1.0, atol=1e-4)

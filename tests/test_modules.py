@@ -77,6 +77,37 @@ def test_dice_metric_matches_numpy_per_image_rule():
     assert result["dice_b"] == pytest.approx(per_class[1], abs=1e-6)
 
 
+
+def test_dice_metric_reports_no_value_for_a_class_no_image_scored():
+    """evaluate.CONVENTION: a class in no truth and no prediction of any image has no score (NaN), not 0; the
+    mean foreground Dice stays finite, over the classes that have one. Eagerly and inside Keras' evaluate."""
+    truth = np.zeros((2, 8, 4, 1), np.int32)
+    truth[:, :4] = 1
+    truth[0, 4:] = 2
+    logits = np.full((2, 8, 4, 4), -5.0, np.float32)  # class 3 ("c") predicted nowhere and in no truth
+    logits[:, :4, :, 1] = 5.0  # a: found in both images
+    logits[0, 4:6, :, 2] = 5.0  # b: half found in image 0 (Dice 2*8/24), in neither truth nor prediction of image 1
+    metric = modules.DiceScores(["bg", "a", "b", "c"])
+    result = {k: float(v) for k, v in metric.result().items()}  # nothing seen yet: no value for any class
+    assert np.isnan([result["dice_a"], result["dice_b"], result["dice_c"]]).all() and result["dice"] == 0.0
+    metric.update_state(truth, logits)
+    result = {k: float(v) for k, v in metric.result().items()}
+    assert result["dice_a"] == pytest.approx(1.0) and result["dice_b"] == pytest.approx(16 / 24)
+    assert np.isnan(result["dice_c"])
+    assert result["dice"] == pytest.approx((1 + 16 / 24) / 2)
+    # The same in graph mode, through the metrics train.py compiles: a model that predicts a everywhere.
+    inputs = keras.Input((8, 4, 1))
+    model = keras.Model(inputs, layers.Conv2D(4, 1, kernel_initializer="zeros", name="logits")(inputs))
+    model.get_layer("logits").bias.assign([0.0, 1.0, 0.0, 0.0])
+    model.compile(loss=modules.SegmentationLoss(), metrics=modules.segmentation_metrics(["bg", "a", "b", "c"]))
+    scores = model.evaluate(np.zeros((2, 8, 4, 1), np.float32), np.ones((2, 8, 4, 1), np.int32), verbose=0,
+                            return_dict=True)
+    assert scores["dice_a"] == pytest.approx(1.0) and scores["dice"] == pytest.approx(1.0)
+    assert np.isnan(scores["dice_b"]) and np.isnan(scores["dice_c"])
+    binary = modules.DiceScores(["bladder"])
+    binary.update_state(np.zeros((2, 4, 4, 1), np.float32), np.full((2, 4, 4, 1), -3.0, np.float32))
+    assert np.isnan(float(binary.result()["dice_bladder"])) and float(binary.result()["dice"]) == 0.0
+
 def test_binary_dice_metric_on_logits():
     truth = np.zeros((2, 4, 4, 1), np.float32)
     truth[0, :2] = 1
@@ -103,6 +134,39 @@ def test_losses_are_low_for_perfect_and_high_for_wrong():
         assert np.all(good < 0.05) and np.all(bad > good + 0.3)
     binary = (labels == 5).astype(np.float32)
     assert np.all(_loss()(binary, binary * 16 - 8) < 0.05)
+
+
+def _every_label(n=2):
+    """n 8x8 label maps with all six labels, each in a block of its own."""
+    labels = np.zeros((n, 8, 8, 1), np.int32)
+    labels[:, :4, 4:] = 1
+    labels[:, 4:, :2] = 2
+    labels[:, 4:, 2:4] = 3
+    labels[:, 4:6, 4:] = 4
+    labels[:, 6:, 4:] = 5
+    return labels
+
+
+@pytest.mark.parametrize("over", ["image", "batch"])
+@pytest.mark.parametrize("terms", modules.LOSSES)
+@pytest.mark.parametrize("label", [1, 2, 3, 4, 5])
+def test_every_label_counts_in_the_loss(terms, over, label):
+    """A prediction wrong only on one label's pixels (confident background there) costs more than the perfect
+    one, and from an undecided start (equal logits) the gradient at those pixels raises that label's logit: no
+    class is left out of the Dice or the cross-entropy (rectum and prostate, 4 and 5, are the ones a range such
+    as 0..3 forgets; such a loss gives their logits a gradient 0, or under 3e-4 through the other classes' Dice,
+    where these losses give 2e-3 or more)."""
+    import tensorflow as tf
+    labels = _every_label()
+    perfect = keras.ops.one_hot(labels[..., 0], 6).numpy() * 16 - 8
+    wrong = perfect.copy()
+    wrong[labels[..., 0] == label] = np.eye(6, dtype=np.float32)[0] * 16 - 8  # background where `label` is
+    assert np.all(_loss(terms, over)(labels, wrong) > _loss(terms, over)(labels, perfect) + 0.05)
+    x = tf.Variable(np.zeros((2, 8, 8, 6), np.float32))  # (confident logits leave the soft Dice no gradient)
+    with tf.GradientTape() as tape:
+        value = tf.reduce_sum(modules.SegmentationLoss(terms, over).call(labels, x))
+    grad = tape.gradient(value, x).numpy()[..., label][labels[..., 0] == label]
+    assert np.all(grad < -1e-3), grad  # descending the loss raises the right logit at every pixel of the label
 
 
 def test_cross_entropy_from_logits_matches_keras_and_keeps_a_gradient_when_confidently_wrong():
@@ -158,8 +222,10 @@ def test_fused_batch_norm_matches_keras(policy):
         tol = 1e-4 if policy == "float32" else 2e-2  # bfloat16 keeps 8 bits of mantissa
         np.testing.assert_allclose(outs[1][1], outs[0][1], atol=tol * 10)
         np.testing.assert_allclose(outs[1][2], outs[0][2], atol=tol * 10)
+        assert len(grads[1]) == len(grads[0]) == 3  # the input, gamma and beta
         for g_fused, g_ref in zip(grads[1], grads[0]):
             np.testing.assert_allclose(g_fused, g_ref, rtol=tol, atol=tol * np.abs(g_ref).max())
+        assert len(fused.get_weights()) == len(ref.get_weights()) == 4
         for w_fused, w_ref in zip(fused.get_weights()[2:], ref.get_weights()[2:]):  # moving mean and variance
             np.testing.assert_allclose(w_fused, w_ref, rtol=1e-5)
         assert not np.allclose(ref.get_weights()[2], weights[2])  # the update really happened

@@ -1,7 +1,9 @@
 """predict.py: scoring a split end to end (Dice, mL, the CSVs, masks), binary runs, TTA, postprocessing, errors."""
 import csv
+import gzip
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import nibabel as nib
@@ -9,12 +11,20 @@ import numpy as np
 import pytest
 from conftest import make_layout, write_nifti
 
+import dataset
 import predict
 
 FOREGROUND = ["body", "bone", "bladder", "rectum", "prostate"]
 METRIC_KEYS = {"split", "n_slices", "n_volumes", "classes", "dice_per_slice", "dice_per_volume", "iou_per_slice",
                "iou_per_volume", "mean_foreground_dice", "mean_foreground_dice_per_volume", "physical", "convention",
                "physical_convention", "run", "model", "data_dir", "tta", "postprocess", "seconds"}
+
+
+# Floors on the tiny run's mean per-slice Dice on the test split (test_scoring_a_split_end_to_end). It reached body
+# 0.905-0.913, bone 0.55-0.60, bladder 0.25-0.42 (a few false-positive slices count 0); rectum and prostate stay at 0
+# (see test_train.LEARNED). Probabilities flipped upside down before they become labels give body 0.83-0.86, bone
+# 0.40-0.41; a shift of 3 pixels, body 0.90: test_scoring_keeps_every_pixel_where_it_is catches such shifts.
+SCORED = {"body": 0.88, "bone": 0.45, "bladder": 0.1, "rectum": 0.0, "prostate": 0.0}
 
 
 def read_csv(path):
@@ -62,6 +72,8 @@ def test_scoring_a_split_end_to_end(tiny_run, tiny_data, tmp_path):
     body = [float(r["dice_body"]) for r in rows if r["dice_body"]]
     assert metrics["dice_per_slice"]["body"]["mean"] == pytest.approx(np.mean(body), abs=1e-5)
     assert metrics["dice_per_slice"]["body"]["n"] == len(body)
+    dice = {name: metrics["dice_per_slice"][name]["mean"] for name in FOREGROUND}
+    assert all(dice[name] >= floor for name, floor in SCORED.items()), dice  # a number, and no worse than this
     # per_volume.csv: the body's volume in mL from the masks on disk (1 x 1 mm pixels, 3 mm slices).
     volumes = read_csv(out / "per_volume.csv")
     assert len(volumes) == 2 * len(FOREGROUND)
@@ -200,3 +212,151 @@ def test_skip_bad_and_max_bad_fraction(tiny_run, tmp_path, capsys):
     with pytest.warns(UserWarning, match="skipping"):
         assert predict.main([*argv, "--max-bad-fraction", "0.5", "-q"]) == 0
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["n_slices"] == 2
+
+
+class _BandModel:
+    """A stand-in network, pixel by pixel: label 1, 2, 3 or 4 by the band of the normalised intensity."""
+
+    def predict_on_batch(self, batch):
+        return np.eye(6, dtype=np.float32)[np.digitize(batch[..., 0], [0.1875, 0.5, 0.8125]) + 1]
+
+
+def test_scoring_keeps_every_pixel_where_it_is(tiny_run, tmp_path):
+    """Slices of four quadrants (intensities 100, 400, 600, 900: 0, 0.375, 0.625 and 1 after percentile scaling)
+    through predict_split with the tiny run's preprocessing and a pixel-by-pixel stand-in network: every pixel
+    away from the quadrants' borders gets its own quadrant's label, the image's edges included. Probabilities
+    flipped or shifted on their way to labels fail this; a trained model's Dice is too coarse to."""
+    image = np.full((256, 128), 900.0, np.float32)
+    image[:128, :64], image[:128, 64:], image[128:, :64] = 100.0, 400.0, 600.0
+    expected = np.full((256, 128), 4, np.uint8)
+    expected[:128, :64], expected[:128, 64:], expected[128:, :64] = 1, 2, 3
+    refs = []
+    for sl in (0, 1):
+        path = write_nifti(tmp_path / f"case_001_week_0_slice_{sl}.nii.gz", image)
+        refs.append(dataset.SliceRef(str(path), str(path), 1, 0, sl))
+    run = predict.load_run(tiny_run)
+    run.predictor.model = _BandModel()
+    preds = predict.predict_split(run, refs, False)[0]
+    away = np.ones((256, 128), bool)
+    away[120:136] = away[:, 56:72] = False  # the network sees 4 mm pixels: the borders blur over a few
+    for pred in preds:
+        assert pred.shape == (256, 128)
+        assert np.array_equal(pred[away], expected[away]), np.argwhere((pred != expected) & away)[:5]
+
+
+def _ref(case, slice_):
+    return dataset.SliceRef(f"case_{case:03d}_week_0_slice_{slice_}.nii.gz",
+                            f"seg_{case:03d}_week_0_slice_{slice_}.nii.gz", case, 0, slice_)
+
+
+def test_postprocess_keeps_the_largest_3d_part_of_each_organ_per_volume():
+    """--postprocess on each case-week volume stacked in slice order: a far-away bladder blob goes (to 0), the
+    largest part stays; labels not named stay as they are; another volume is a volume of its own."""
+    blank = np.zeros((4, 16, 16), np.uint8)
+    vol = blank.copy()  # slices 0..3 of case 1
+    vol[:, 0:4, 0:4] = 1  # body in two parts: not postprocessed, both stay
+    vol[:, 12:16, 0:4] = 1
+    vol[0:2, 6:10, 6:10] = 3  # bladder: 2 slices of 4x4, the largest part (32 voxels) ...
+    vol[3, 6:11, 6:11] = 3  # ... and, after an empty slice 2, 25 voxels that touch it only if slices were misordered
+    vol[0, 13:15, 13:15] = 3  # and a far-away speck
+    other = blank[:2].copy()  # case 2: its only bladder part is small, and stays
+    other[1, 0:2, 0:2] = 3
+    # refs in file order, not slice order: 0, 1, 3, 2 stacked as given would join the two bladder parts.
+    order = [0, 1, 3, 2]
+    refs = [_ref(1, k) for k in order] + [_ref(2, 0), _ref(2, 1)]
+    preds = [vol[k].copy() for k in order] + [other[0].copy(), other[1].copy()]
+    before = [p.copy() for p in preds]
+    out = predict.postprocess_split(refs, preds, [3, 4, 5])
+    assert len(out) == len(preds) and all(np.array_equal(p, b) for p, b in zip(preds, before))  # inputs untouched
+    kept = vol.copy()
+    kept[3][kept[3] == 3] = 0
+    kept[0, 13:15, 13:15] = 0
+    for k, pred in zip(order, out):
+        np.testing.assert_array_equal(pred, kept[k], err_msg=f"slice {k}")
+    np.testing.assert_array_equal(out[4], other[0])
+    np.testing.assert_array_equal(out[5], other[1])
+    unchanged = predict.postprocess_split(refs, preds, [])  # no labels: nothing to do
+    assert len(unchanged) == len(preds) and all(np.array_equal(a, b) for a, b in zip(unchanged, preds))
+
+
+def _split_copy(tiny_data, root, volume="case_001_week_0"):
+    """The tiny phantom's test volume `volume` alone as the test split of a new folder (train/validate kept)."""
+    for split in ("train", "validate"):
+        for kind in ("keras_slices_", "keras_slices_seg_"):
+            shutil.copytree(tiny_data / f"{kind}{split}", root / f"{kind}{split}")
+    for kind, prefix in (("keras_slices_test", "case_"), ("keras_slices_seg_test", "seg_")):
+        (root / kind).mkdir(parents=True)
+        for f in sorted((tiny_data / kind).glob(f"{prefix}{volume.split('_', 1)[1]}_slice_*")):
+            shutil.copy(f, root / kind / f.name)
+    return root
+
+
+def _rewrite(path, change):
+    """Rewrite a NIfTI file with its header changed by `change(image)`."""
+    image = nib.load(path)
+    image = nib.Nifti1Image(np.asanyarray(image.dataobj), image.affine, image.header)
+    change(image)
+    nib.save(image, str(path))
+
+
+def test_volumes_with_gaps_mixed_spacing_or_no_thickness_are_scored_with_warnings(tiny_run, tiny_data, tmp_path,
+                                                                                    capsys):
+    """Each volume's spacing comes from its own slices: a gap in the slice numbers, slices that disagree on the
+    spacing, or a header without a slice thickness give a warning naming the volume or file, and no distances
+    (or the thickness the file implies) instead of numbers computed on a wrong grid."""
+    data = _split_copy(tiny_data, tmp_path / "data")
+    for kind, prefix in (("keras_slices_test", "case_"), ("keras_slices_seg_test", "seg_")):
+        (data / kind / f"{prefix}001_week_0_slice_3.nii.gz").unlink()  # a gap: slices 0-2, 4-7
+    out = tmp_path / "gap"
+    assert predict.main(["--run", str(tiny_run), "-d", str(data), "--out", str(out), "--figures", "0", "-q"]) == 0
+    err = capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert any("case_001_week_0" in w and "3" in w for w in metrics["warnings"]), metrics["warnings"]
+    assert "case_001_week_0" in err
+    rows = [r for r in read_csv(out / "per_volume.csv") if r["label"] == "body"]
+    assert rows[0]["dice"] != "" and rows[0]["hd95_mm"] == "" and rows[0]["asd_mm"] == ""
+
+    data = _split_copy(tiny_data, tmp_path / "data2")
+    odd = data / "keras_slices_test" / "case_001_week_0_slice_5.nii.gz"
+    _rewrite(odd, lambda im: im.set_sform(np.diag([1.0, 1.0, 5.0, 1.0]) @ np.eye(4), code=1) or
+             im.set_qform(np.diag([1.0, 1.0, 5.0, 1.0]), code=1))
+    thin = data / "keras_slices_test" / "case_001_week_0_slice_2.nii.gz"
+    out = tmp_path / "mixed"
+    assert predict.main(["--run", str(tiny_run), "-d", str(data), "--out", str(out), "--figures", "0", "-q"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert any("disagree" in w and "case_001_week_0" in w and odd.name in w for w in metrics["warnings"])
+    rows = [r for r in read_csv(out / "per_volume.csv") if r["label"] == "body"]
+    assert rows[0]["dice"] != "" and rows[0]["truth_ml"] == "" and rows[0]["hd95_mm"] == ""
+
+    data = _split_copy(tiny_data, tmp_path / "data3")
+    for f in sorted((data / "keras_slices_test").glob("case_*")):  # no sform, no qform, pixdim[3] 0
+        raw = bytearray(gzip.decompress(f.read_bytes()))
+        raw[88:92], raw[252:256] = struct.pack("<f", 0.0), struct.pack("<hh", 0, 0)
+        f.write_bytes(gzip.compress(bytes(raw)))
+    out = tmp_path / "nothick"
+    assert predict.main(["--run", str(tiny_run), "-d", str(data), "--out", str(out), "--figures", "0", "-q"]) == 0
+    warnings = json.loads((out / "metrics.json").read_text())["warnings"]
+    assert any(thin.name in w and "no slice thickness" in w for w in warnings), warnings
+
+
+def test_a_case_in_two_splits_is_named_and_refused_with_strict(tiny_run, tiny_data, tmp_path, capsys):
+    data = _split_copy(tiny_data, tmp_path / "data")
+    for kind, prefix in (("keras_slices_validate", "case_"), ("keras_slices_seg_validate", "seg_")):
+        src = data / kind.replace("validate", "test") / f"{prefix}001_week_0_slice_0.nii.gz"
+        shutil.copy(src, data / kind / f"{prefix}001_week_7_slice_0.nii.gz")  # case 1, another week, in validate
+    args = ["--run", str(tiny_run), "-d", str(data), "--out", str(tmp_path / "e"), "--figures", "0", "-q"]
+    assert predict.main(args) == 0
+    assert "case 001 is in the validate and test splits" in capsys.readouterr().err
+    assert predict.main(args + ["--strict"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "case 001" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max-bad-fraction", "2"], "--max-bad-fraction 2"), (["--batch-size", "0"], "--batch-size 0"),
+    (["--figures", "-1"], "--figures -1"), (["--input", "x.nii", "--axis", "3"], "--axis 3"),
+    (["--axis", "1"], "--axis"), (["--input", "x.nii", "--out", "o"], "--output-dir")])
+def test_flags_are_checked_before_anything_runs(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        predict.parse_args(["--run", "r", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -95,6 +95,24 @@ def test_normalise_minmax_zscore_and_constant():
         assert np.all(out == 0) and np.all(np.isfinite(out))
 
 
+
+def test_normalise_percentile_hand_values():
+    """0.5th..99.5th percentile to 0..1, clipped: a hot pixel no longer sets the scale. The values 0..998 and one
+    pixel of 1e6 (1000 pixels): numpy's linear percentiles sit at sorted positions 0.005 * 999 = 4.995 and
+    0.995 * 999 = 994.005, between 4 and 5 and between 994 and 995, so lo = 4.995 and hi = 994.005."""
+    values = np.arange(1000, dtype=np.float32)
+    values[999] = 1e6
+    img = values[np.random.default_rng(0).permutation(1000)].reshape(25, 40)  # where each value lies: no matter
+    out = preprocess.normalise_image(img, "percentile")
+    assert out.shape == (25, 40) and out.dtype == np.float32
+    lo, hi = 4.995, 994.005
+    for value, expected in ((0.0, 0.0), (4.0, 0.0), (5.0, (5 - lo) / (hi - lo)), (500.0, (500 - lo) / (hi - lo)),
+                            (994.0, (994 - lo) / (hi - lo)), (995.0, 1.0), (1e6, 1.0)):
+        assert out[img == value] == pytest.approx(expected, abs=1e-6), value
+    assert out.min() == 0.0 and out.max() == 1.0
+    # Min-max of the same image puts everything but the hot pixel under 0.001.
+    assert preprocess.normalise_image(img, "minmax")[img == 500.0] == pytest.approx(500 / 1e6)
+
 def test_check_image_refuses_nan_inf():
     img = np.ones((4, 4), np.float32)
     img[1, 1] = np.nan
