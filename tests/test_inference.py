@@ -223,3 +223,20 @@ def test_probabilities_resample_for_any_class_count_and_factor(classes):
         out = geometry.resample_slices(probs, *factors)
         assert out.shape == (2, round(40 * factors[0]), round(30 * factors[1]), classes)
         np.testing.assert_allclose(out.sum(-1), 1.0, atol=1e-4)
+
+
+def test_a_larger_slice_gets_one_input_around_its_anatomy_and_the_networks_own_air_outside():
+    """A slice larger than the network input whose anatomy fits in one: the input is placed around the anatomy
+    (off-centre here), and the pixels outside it get the network's probabilities for the padding value, not a
+    made-up certain background."""
+    model = _RingModel(6)
+    prep = Preprocessing(size=(32, 32), norm="minmax", num_classes=6, fit="crop", spacing=(1.0, 1.0))
+    raw = np.zeros((1, 64, 96), np.float32)
+    raw[0, 40:56, 60:80] = 1000.0  # anatomy of label 5, far from the centre
+    probs, done = inference.Predictor(model, prep).slices(raw, (1.0, 1.0))
+    assert done["centred"] == 1 and done["tiles"] == 1
+    labels = inference.labels_of(probs)[0]
+    assert (labels[40:56, 60:80] == 5).all() and (labels == 5).sum() == 16 * 20
+    air = model.predict_on_batch(np.zeros((1, 1, 1, 1), np.float32))[0, 0, 0]
+    np.testing.assert_allclose(probs[0, 0, 0], air, atol=1e-6)  # far outside the window
+    assert inference.entropy(probs)[0, 0, 0] > 0.1
