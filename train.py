@@ -264,7 +264,17 @@ class RunState(keras.callbacks.Callback):
         write_history_csv(self.out / "history.csv", st["history"])
         per_class = " ".join(f"{n} {row.get('val_dice_' + n, float('nan')):.3f}" for n in self.summary_names)
         print(f"epoch {epoch + 1}/{self.params['epochs']} loss {row['loss']:.4f} val_loss {row['val_loss']:.4f} "
-              f"val_dice {row[MONITOR]:.4f} | {per_class} | lr {row['learning_rate']:.2e} {row['seconds']:.0f}s", flush=True)
+              f"val_dice {row[MONITOR]:.4f} | {per_class} | lr {row['learning_rate']:.2e} {row['seconds']:.0f}s"
+              f"{time_left(st['history'], self.params['epochs'])}", flush=True)
+
+
+def time_left(history: list, epochs: int) -> str:
+    """', about N min left' for the epochs still to run, at the median pace of the epochs run so far."""
+    left = epochs - len(history)
+    if left <= 0 or not history:
+        return ""
+    minutes = left * float(np.median([r["seconds"] for r in history])) / 60
+    return f", about {minutes:.0f} min of training left" if minutes >= 1 else ", under a minute of training left"
 
 
 def save_best(model, path: Path) -> None:

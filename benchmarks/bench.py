@@ -158,7 +158,7 @@ def build_model(base: int, precision: str, steps_per_epoch: int = 125):
     keras.mixed_precision.set_global_policy(precision)
     args = train.parse_args([*TRAIN_FLAGS, "-f", str(base)])
     model = modules.build_unet((*args.size, 1), len(args.class_names), base)
-    jit = bool(tf.config.list_physical_devices("GPU"))  # train.py's --jit auto
+    jit = args.jit == "on" or (args.jit == "auto" and bool(tf.config.list_physical_devices("GPU")))  # as train.py
     model.compile(train.make_optimizer(args, args.lr, steps_per_epoch), modules.SegmentationLoss(args.loss, args.dice_over),
                   metrics=modules.segmentation_metrics(args.class_names), jit_compile=jit)
     model.optimizer.build(model.trainable_variables)

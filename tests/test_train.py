@@ -306,3 +306,10 @@ def test_flags_out_of_range_are_refused_naming_the_flag(flags, flag, capsys):
     err = capsys.readouterr().err
     # The message is about that flag (not another check that happens to mention it, as --warmup's names --epochs).
     assert re.search(rf"error: (argument (-\w/)?)?{re.escape(flag)}\b", err), err
+
+
+def test_time_left_is_the_median_epoch_pace_times_the_epochs_to_run():
+    history = [{"seconds": 60.0}, {"seconds": 120.0}, {"seconds": 90.0}]
+    assert train.time_left(history, 10) == ", about 10 min of training left"  # 7 x 90 s
+    assert train.time_left(history[:1], 1) == "" and train.time_left(history, 3) == ""
+    assert train.time_left([{"seconds": 20.0}], 2) == ", under a minute of training left"
