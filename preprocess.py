@@ -298,15 +298,9 @@ def take_window(array: np.ndarray, corner, size, fill) -> np.ndarray:
     return array[r:r + int(size[0]), c:c + int(size[1])]
 
 
-def preprocess_image(image: np.ndarray, prep: Preprocessing, spacing=None) -> np.ndarray:
-    """Network input (rows, cols) float32 of a raw slice of this pixel spacing: to_grid, then input_window."""
-    grid = to_grid(image, spacing, prep)
-    corner, _ = input_window(grid, prep.size)
-    return take_window(grid, corner, prep.size, float(grid.min()))  # padded with the slice's background
-
-
 def preprocess_pair(image: np.ndarray, labels: np.ndarray, prep: Preprocessing, spacing=None):
-    """A training pair brought to the network input: the image as preprocess_image, the labels along with it."""
+    """A training pair brought to the network input: the image by to_grid, then input_window (padded with the
+    slice's background); the labels along with it, by nearest neighbour."""
     grid = to_grid(image, spacing, prep)
     corner, _ = input_window(grid, prep.size)
     labels = resize_labels(labels, grid.shape)

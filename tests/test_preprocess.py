@@ -147,7 +147,7 @@ def test_resize_never_invents_labels(shape, size):
 
 def test_resize_image_shape_and_range():
     img = np.random.default_rng(1).random((256, 144)).astype(np.float32)
-    out = preprocess.preprocess_image(img * 1000, Preprocessing(size=(256, 128)))
+    out, _ = preprocess.preprocess_pair(img * 1000, np.zeros((256, 144), np.uint8), Preprocessing(size=(256, 128)))
     assert out.shape == (256, 128) and out.min() >= 0 and out.max() <= 1
 
 
@@ -184,6 +184,5 @@ def test_resized_mask_stays_on_its_image(shape, size, square):
     r0, r1, c0, c1 = square
     image[r0:r1, c0:c1] = 1000.0
     mask[r0:r1, c0:c1] = 1
-    net_image = preprocess.preprocess_image(image, Preprocessing(size=size))
-    net_mask = preprocess.resize_labels(mask, size)
+    net_image, net_mask = preprocess.preprocess_pair(image, mask, Preprocessing(size=size))
     assert np.abs(_centroid(net_image) - _centroid(net_mask)).max() <= 0.25
