@@ -157,8 +157,9 @@ class DiceScores(keras.metrics.Metric):
                 **{f"{self.name}_{n}": reported[i] for i, n in enumerate(names, start=1)}}
 
     def reset_state(self):
-        self.sums.assign(ops.zeros_like(self.sums))
-        self.counts.assign(ops.zeros_like(self.counts))
+        # zeros of the variable's shape, not zeros_like(variable): JAX cannot take a Keras Variable's dtype there
+        self.sums.assign(ops.zeros(self.sums.shape, self.sums.dtype))
+        self.counts.assign(ops.zeros(self.counts.shape, self.counts.dtype))
 
     def get_config(self):
         return {**super().get_config(), "class_names": self.class_names}

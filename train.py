@@ -219,11 +219,14 @@ class RunState(keras.callbacks.Callback):
     is written after it (a resume finishes that write if a kill cut it off: see train()).
     """
 
-    def __init__(self, out: Path, stateful_callbacks: dict, state: dict | None, summary_names: list):
+    def __init__(self, out: Path, stateful_callbacks: dict, state: dict | None, summary_names: list,
+                 test_share: float = 0.0):
         super().__init__()
         self.out, self.others, self.summary_names = out, stateful_callbacks, summary_names
         self.state = state or {"epoch": -1, "best": -np.inf, "best_epoch": -1, "history": [], "callbacks": {}}
         self.epoch_start, self.epoch_lr = 0.0, 0.0
+        # Test slices per validation slice: scoring the test split afterwards costs about that many passes.
+        self.test_share, self.val_start, self.val_seconds = test_share, 0.0, []
 
     def on_train_begin(self, logs=None):
         # Keras callbacks reset themselves here; put back what the interrupted run had reached.
@@ -239,6 +242,12 @@ class RunState(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_start = time.perf_counter()
         self.epoch_lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+    def on_test_begin(self, logs=None):  # fit's validation pass
+        self.val_start = time.perf_counter()
+
+    def on_test_end(self, logs=None):
+        self.val_seconds.append(time.perf_counter() - self.val_start)
 
     def on_epoch_end(self, epoch, logs=None):
         row = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()},
@@ -265,16 +274,24 @@ class RunState(keras.callbacks.Callback):
         per_class = " ".join(f"{n} {row.get('val_dice_' + n, float('nan')):.3f}" for n in self.summary_names)
         print(f"epoch {epoch + 1}/{self.params['epochs']} loss {row['loss']:.4f} val_loss {row['val_loss']:.4f} "
               f"val_dice {row[MONITOR]:.4f} | {per_class} | lr {row['learning_rate']:.2e} {row['seconds']:.0f}s"
-              f"{time_left(st['history'], self.params['epochs'])}", flush=True)
+              f"{time_left(st['history'], self.params['epochs'], self.scoring_seconds())}", flush=True)
+
+    def scoring_seconds(self) -> float:
+        """About how long predict.py will take on the test split: validation passes at their median pace."""
+        return float(np.median(self.val_seconds)) * self.test_share if self.val_seconds else 0.0
 
 
-def time_left(history: list, epochs: int) -> str:
-    """', about N min left' for the epochs still to run, at the median pace of the epochs run so far."""
+def time_left(history: list, epochs: int, scoring_seconds: float = 0.0) -> str:
+    """', about N min left' for the epochs still to run, at the median pace of the epochs run so far, and the
+    scoring of the test split that `make demo` runs next."""
     left = epochs - len(history)
     if left <= 0 or not history:
         return ""
     minutes = left * float(np.median([r["seconds"] for r in history])) / 60
-    return f", about {minutes:.0f} min of training left" if minutes >= 1 else ", under a minute of training left"
+    text = f", about {minutes:.0f} min of training left" if minutes >= 1 else ", under a minute of training left"
+    if scoring_seconds:
+        text += f" (then about {max(1, round(scoring_seconds / 60))} min to score the test split)"
+    return text
 
 
 def save_best(model, path: Path) -> None:
@@ -407,7 +424,9 @@ def train(args) -> dict:
     if args.early_stopping:
         others["early_stopping"] = keras.callbacks.EarlyStopping(MONITOR, mode="max", patience=args.early_stopping,
                                                                  verbose=1)
-    run_state = RunState(out, others, state, names[1:] if channels > 1 else names)
+    test_dir = data_dir / dataset.SPLITS["test"][0]
+    test_slices = sum(1 for _ in test_dir.glob("*.nii*")) if test_dir.is_dir() else 0
+    run_state = RunState(out, others, state, names[1:] if channels > 1 else names, test_slices / max(len(val_data), 1))
     # Validation (and so the best model) with the averaged weights; it keeps no state for state.json.
     swap = [keras.callbacks.SwapEMAWeights()] if args.ema else []
     logs = [keras.callbacks.TensorBoard(str(out / "logs"), write_graph=False, profile_batch=0)] if args.tensorboard else []

@@ -126,9 +126,9 @@ def test_entropy_and_largest_part():
 def test_a_real_mri_volume_runs_end_to_end(tiny_run, tmp_path):
     """The MNI152 2009a T1 (197 x 233 x 189, 1 mm, RAS), shipped inside the nilearn wheel, through --input."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import real_anatomy
+    import mni
     try:
-        t1 = real_anatomy.template_file(tmp_path / "work", "t1")
+        t1 = mni.template_file(tmp_path / "work", "t1")
     except subprocess.CalledProcessError as e:
         pytest.skip(f"the nilearn wheel could not be downloaded here ({e}); this test needs the package registry")
     out = tmp_path / "out"

@@ -86,7 +86,9 @@ def main(argv=None) -> int:
 
     model.set_weights(tracker.best_weights)
     test_pred = model.predict(x_test[..., None], batch_size=args.batch_size, verbose=0).argmax(axis=-1)
-    save_result(args.out, test_pred=test_pred.astype(np.uint8), val_dice=np.array(tracker.val_dice, dtype=np.float64),
+    val_pred = model.predict(x_val[..., None], batch_size=args.batch_size, verbose=0).argmax(axis=-1)
+    save_result(args.out, test_pred=test_pred.astype(np.uint8), val_pred=val_pred.astype(np.uint8),
+                val_dice=np.array(tracker.val_dice, dtype=np.float64),
                 best_epoch=np.int64(tracker.best_epoch), seconds=np.float64(seconds))
     print(f"best epoch {tracker.best_epoch} (val_dice {tracker.best:.4f}), {seconds:.1f}s training; "
           f"wrote {args.out}", flush=True)

@@ -1,0 +1,81 @@
+"""benchmarks/brats.py and real_anatomy.py: patient-disjoint folds, the label mapping, clear errors, the summary rows."""
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
+import brats  # noqa: E402
+import real_anatomy  # noqa: E402
+
+import dataset  # noqa: E402
+
+NAMES = [f"brats_2013_pat000{i}_1" for i in range(1, 7)]
+
+
+def fake_brats(root, n=6):
+    """n patient folders in deepmedic's layout: 12x12x9 volumes, a brain block with oedema and a core in it."""
+    for i, name in enumerate(NAMES[:n]):
+        folder = root / ("train" if i < 3 else "test") / name
+        folder.mkdir(parents=True)
+        flair = np.full((12, 12, 9), -3.0, np.float32)
+        flair[3:9, 3:9, :] = i + 1.0
+        brain = np.zeros((12, 12, 9), np.float32)
+        brain[3:9, 3:9, :] = 1
+        ot = np.zeros((12, 12, 9), np.float32)
+        ot[3:6, 3:6, :] = 2  # oedema
+        ot[6:9, 6:9, :] = 4  # enhancing tumour: part of the core
+        for stem, arr in (("Flair_subtrMeanDivStd", flair), ("brainmask", brain), ("OTMultiClass", ot)):
+            nib.save(nib.Nifti1Image(arr, np.eye(4)), folder / f"{stem}.nii.gz")
+    return root
+
+
+def test_every_patient_is_tested_once_and_no_fold_puts_a_patient_in_two_splits():
+    tested = []
+    for fold in range(brats.FOLDS):
+        splits = brats.fold_splits(NAMES, fold)
+        assert sorted(splits) == NAMES  # each patient has exactly one split in this fold
+        by_split = {s: [p for p in NAMES if splits[p] == s] for s in ("train", "validate", "test")}
+        assert [len(by_split[s]) for s in ("train", "validate", "test")] == [3, 1, 2]
+        tested += by_split["test"]
+    assert sorted(tested) == NAMES
+
+
+def test_a_fold_is_written_in_the_hipmri_layout_with_patient_disjoint_cases(tmp_path):
+    root = fake_brats(tmp_path / "src")
+    out = tmp_path / "fold1"
+    counts = brats.write_fold(root, out, 1, None, real_anatomy.write_pair)
+    assert counts == {"train": 9, "validate": 3, "test": 6}  # 3 slices of 3 mm per patient
+    cases = {s: {r.case for r in dataset.list_split(out, s)} for s in ("train", "validate", "test")}
+    assert not (cases["train"] & cases["test"]) and not (cases["train"] & cases["validate"])
+    assert not (cases["validate"] & cases["test"]) and len(cases["test"]) == 2
+    ref = dataset.list_split(out, "test")[0]
+    labels = np.asarray(nib.load(ref.mask).dataobj)
+    image = np.asarray(nib.load(ref.image).dataobj)
+    assert labels.shape == image.shape == (4, 4)  # 12 mm at 3 mm
+    assert labels[1, 1] == 2 and labels[2, 2] == 3 and labels[0, 0] == 0  # oedema, core (BraTS 4), outside
+    few = brats.write_fold(root, tmp_path / "few", 1, 2, real_anatomy.write_pair)
+    assert few == {"train": 2, "validate": 3, "test": 6}
+
+
+def test_missing_patients_are_a_clear_error_naming_the_folder(tmp_path):
+    root = fake_brats(tmp_path / "src", n=4)
+    with pytest.raises(SystemExit, match=r"found 4 BraTS patient folders.*expected 6"):
+        brats.patients(root)
+    with pytest.raises(SystemExit, match="--brats-dir is needed"):
+        real_anatomy.data_folder(real_anatomy.parse_args(["--work", str(tmp_path / "w")]), "brats", 0, "full")
+
+
+def test_rows_give_mean_and_std_over_runs_and_leave_test_out_when_it_was_not_scored():
+    runs = [{"val_dice": v, "test_dice": t, "per_label": {"a": t}, "val_curve": [0.1, 0.5, 0.4, 0.6, 0.7],
+             "seconds": 10.0} for v, t in ((0.6, 0.5), (0.8, 0.7))]
+    row = real_anatomy.summary(runs)
+    assert row["val_dice_mean"] == pytest.approx(0.7) and row["val_dice_std"] == pytest.approx(0.1)
+    assert row["test_dice_mean"] == pytest.approx(0.6) and row["runs_n"] == 2
+    assert row["worst_val_drop"] == pytest.approx(0.1)  # 0.5 -> 0.4, after the first quarter
+    untested = real_anatomy.summary([dict(r, test_dice=None, per_label=None) for r in runs])
+    assert "test_dice_mean" not in untested and untested["val_dice_mean"] == pytest.approx(0.7)
