@@ -290,7 +290,8 @@ def time_left(history: list, epochs: int, scoring_seconds: float = 0.0) -> str:
     minutes = left * float(np.median([r["seconds"] for r in history])) / 60
     text = f", about {minutes:.0f} min of training left" if minutes >= 1 else ", under a minute of training left"
     if scoring_seconds:
-        text += f" (then about {max(1, round(scoring_seconds / 60))} min to score the test split)"
+        then = f"about {scoring_seconds / 60:.0f} min" if scoring_seconds >= 90 else "under 2 min"
+        text += f" (then {then} to predict the test split)"
     return text
 
 

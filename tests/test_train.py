@@ -313,9 +313,9 @@ def test_time_left_is_the_median_epoch_pace_times_the_epochs_to_run():
     assert train.time_left(history, 10) == ", about 10 min of training left"  # 7 x 90 s
     assert train.time_left(history[:1], 1) == "" and train.time_left(history, 3) == ""
     assert train.time_left([{"seconds": 20.0}], 2) == ", under a minute of training left"
-    assert train.time_left(history, 10, 150.0) == ", about 10 min of training left (then about 2 min to score " \
+    assert train.time_left(history, 10, 150.0) == ", about 10 min of training left (then about 2 min to predict " \
         "the test split)"
-    assert train.time_left(history, 10, 20.0).endswith("(then about 1 min to score the test split)")
+    assert train.time_left(history, 10, 20.0).endswith("(then under 2 min to predict the test split)")
 
 
 def test_the_test_split_costs_its_share_of_validation_passes(tmp_path):
