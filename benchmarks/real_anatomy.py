@@ -107,6 +107,7 @@ def run_ours(data: Path, out: Path, a, seed: int, epochs: int, classes, size: st
 
 
 def result(scores: dict, val_curve: list, seconds: float) -> dict:
+    """One run's record: validation (and, when scored, test) Dice overall and per label, the curve, the time."""
     return {"val_dice": scores["validate"][0], "val_per_label": scores["validate"][1],
             "test_dice": scores["test"][0] if "test" in scores else None,
             "per_label": scores["test"][1] if "test" in scores else None,
@@ -142,8 +143,11 @@ def run_peer(name: str, data: Path, out: Path, a, seed: int, epochs: int, classe
             _, images, labels, _ = peer_arrays(data, split, shape, norm)
             np.savez(npz / f"{split}.npz", images=images, labels=labels)
     path = out / "result.npz"
-    if path.exists() and "val_pred" not in np.load(path).files:  # from before validation was scored
-        path.unlink()
+    if path.exists():
+        with np.load(path) as z:
+            stale = "val_pred" not in z.files  # from before validation was scored
+        if stale:
+            path.unlink()
     if not path.exists():
         out.mkdir(parents=True, exist_ok=True)
         python = env.monai_python(a.peer_venv) if name == "monai" else env.keras_python()
