@@ -77,7 +77,7 @@ def parse_args(argv=None):
                    help="the Dice term per image, or pooled over the batch (nnU-Net's 2D setting)")
     p.add_argument("--augment", choices=list(pipeline.AUGMENTATIONS), default="basic",
                    help="paired augmentation of training batches: " + "; ".join(
-                       f"{k}: {v}" for k, v in pipeline.AUGMENTATIONS.items()))
+                       f"{k}: {v}" for k, v in pipeline.AUGMENTATIONS.items()).replace("%", "%%"))
     p.add_argument("--seed", type=int, default=42, help="seed for Python, NumPy, TensorFlow and the data order")
     p.add_argument("--deterministic", action="store_true",
                    help="TensorFlow op determinism: identical runs on the CPU (slower)")

@@ -360,3 +360,9 @@ def test_flags_are_checked_before_anything_runs(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         predict.parse_args(["--run", "r", *flags])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_help_prints(capsys):
+    with pytest.raises(SystemExit) as e:
+        predict.parse_args(["--help"])
+    assert e.value.code == 0 and "--split" in capsys.readouterr().out

@@ -308,6 +308,15 @@ def test_flags_out_of_range_are_refused_naming_the_flag(flags, flag, capsys):
     assert re.search(rf"error: (argument (-\w/)?)?{re.escape(flag)}\b", err), err
 
 
+def test_help_lists_every_flag_with_its_text(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    # The augmentation text holds percent signs, which argparse would take for a format (a crash on --help).
+    assert "--augment" in out and "shifts up to 10% of the size" in out and "--resume" in out
+
+
 def test_time_left_is_the_median_epoch_pace_times_the_epochs_to_run():
     history = [{"seconds": 60.0}, {"seconds": 120.0}, {"seconds": 90.0}]
     assert train.time_left(history, 10) == ", about 10 min of training left"  # 7 x 90 s
