@@ -18,7 +18,8 @@ REQUIRED = ("input_size", "target_ids", "channel_names", "class_names", "num_cla
 # predict.py reads: a resume that changed one of these would be recorded but not done.
 RESUME_KEYS = ("target_ids", "input_size", "base_filters", "num_classes", "class_names", "preprocessing", "data",
                "seed", "global_batch_size", "loss", "dice_over", "optimizer", "schedule", "warmup", "ema", "augment",
-               "effective_lr", "precision")
+               "effective_lr", "precision", "norm_layer")
+ADDED_KEYS = {"norm_layer": "batch"}  # keys newer than some runs, with the value those runs had
 
 
 class RunError(ValueError):
@@ -116,6 +117,7 @@ def resume_conflict(saved: dict, new: dict):
     """
     # A decaying schedule is fixed by the run's length (the checkpoint holds it): more epochs would not follow it.
     for key in RESUME_KEYS + (("epochs",) if new.get("schedule", "plateau") != "plateau" else ()):
-        if saved.get(key) != new.get(key):
-            return key, saved.get(key), new.get(key)
+        old = saved.get(key, ADDED_KEYS.get(key))
+        if old != new.get(key):
+            return key, old, new.get(key)
     return None

@@ -56,47 +56,55 @@ class FusedBatchNormalization(layers.BatchNormalization):
         return ops.cast(outputs, self.compute_dtype)
 
 
-def conv_block(x, filters: int, name: str, sync_bn: bool = False):
-    """Two 3x3 convolutions with ReLU, batch normalisation after the second (as the original design)."""
+NORM_LAYERS = ("batch", "instance")
+
+
+def conv_block(x, filters: int, name: str, sync_bn: bool = False, norm: str = "batch"):
+    """Two 3x3 convolutions with ReLU, batch normalisation after the second (as the original design), or
+    instance normalisation (norm="instance": per image and channel, as MONAI's BasicUNet and nnU-Net)."""
     x = layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"{name}_conv1")(x)
     x = layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"{name}_conv2")(x)
+    if norm == "instance":  # one group per channel; no moving statistics, the same in training and inference
+        return layers.GroupNormalization(groups=-1, epsilon=1e-5, name=f"{name}_in")(x)
     # momentum 0.9 (PyTorch's default) rather than Keras' 0.99: with a few hundred steps per run the
     # moving statistics must catch up with the training ones, or inference-mode output is garbage.
     return FusedBatchNormalization(momentum=0.9, synchronized=sync_bn, name=f"{name}_bn")(x)
 
 
-def encoder_block(x, filters: int, name: str, sync_bn: bool = False):
+def encoder_block(x, filters: int, name: str, sync_bn: bool = False, norm: str = "batch"):
     """conv_block then 2x2 max pooling; returns (pooled, skip)."""
-    skip = conv_block(x, filters, name, sync_bn)
+    skip = conv_block(x, filters, name, sync_bn, norm)
     return layers.MaxPooling2D(2, name=f"{name}_pool")(skip), skip
 
 
-def decoder_block(x, skip, filters: int, name: str, sync_bn: bool = False):
+def decoder_block(x, skip, filters: int, name: str, sync_bn: bool = False, norm: str = "batch"):
     """2x2 transposed-convolution upsampling, concatenation with the skip, conv_block."""
     x = layers.Conv2DTranspose(filters, 2, strides=2, padding="same", name=f"{name}_up")(x)
     x = layers.Concatenate(name=f"{name}_concat")([x, skip])
-    return conv_block(x, filters, name, sync_bn)
+    return conv_block(x, filters, name, sync_bn, norm)
 
 
 def build_unet(input_shape=(256, 128, 1), num_classes: int = 6, base_filters: int = 16, levels: int = 4,
-               sync_bn: bool = False):
+               sync_bn: bool = False, norm: str = "batch"):
     """U-Net: `levels` encoder blocks, a bottleneck, `levels` decoder blocks, a 1x1 output of logits.
 
     This is the model that trains (the losses work on logits); `with_probabilities` puts the softmax (or, for
     one channel, the sigmoid) on top for prediction and saving. sync_bn: batch statistics over the global
-    batch when training on several replicas.
+    batch when training on several replicas. norm: "batch" (the design's) or "instance" (see conv_block).
     """
+    if norm not in NORM_LAYERS:
+        raise ValueError(f"norm {norm!r}: expected one of {NORM_LAYERS}")
     rows, cols = input_shape[:2]
     if rows % 2**levels or cols % 2**levels:
         raise ValueError(f"input {rows}x{cols}: both sides must divide by {2**levels} for {levels} poolings")
     inputs = keras.Input(input_shape, name="image")
     x, skips = inputs, []
     for i in range(levels):
-        x, skip = encoder_block(x, base_filters * 2**i, f"enc{i + 1}", sync_bn)
+        x, skip = encoder_block(x, base_filters * 2**i, f"enc{i + 1}", sync_bn, norm)
         skips.append(skip)
-    x = conv_block(x, base_filters * 2**levels, "bottleneck", sync_bn)
+    x = conv_block(x, base_filters * 2**levels, "bottleneck", sync_bn, norm)
     for i in reversed(range(levels)):
-        x = decoder_block(x, skips[i], base_filters * 2**i, f"dec{i + 1}", sync_bn)
+        x = decoder_block(x, skips[i], base_filters * 2**i, f"dec{i + 1}", sync_bn, norm)
     # float32 output: log-softmax, softmax and the losses are unstable in float16/bfloat16.
     logits = layers.Conv2D(num_classes, 1, dtype="float32", name="logits")(x)
     return keras.Model(inputs, logits, name=f"unet{levels}_b{base_filters}")  # (batch, rows, cols, classes)

@@ -62,6 +62,8 @@ def parse_args(argv=None):
                    help="validate and keep a moving average of the weights over about this share of the run's "
                         "steps (0: off)")
     p.add_argument("-f", "--base-filters", type=int, default=16, help="filters of the first level (64 = classic U-Net)")
+    p.add_argument("--norm-layer", choices=modules.NORM_LAYERS, default="batch",
+                   help="normalisation after each block's convolutions: batch (the design's) or instance")
     p.add_argument("-t", "--target", default="all",
                    help="'all' for every label (softmax) or labels for a binary target, e.g. 'prostate'")
     p.add_argument("--class-names", default=",".join(dataset.CLASS_NAMES),
@@ -381,7 +383,7 @@ def train(args) -> dict:
             raise SystemExit(f"error: {args.out} already holds a run; use --resume to continue it or another --out")
         if model is None:
             model = modules.build_unet((*args.size, 1), channels, args.base_filters,
-                                       sync_bn=strategy.num_replicas_in_sync > 1)
+                                       sync_bn=strategy.num_replicas_in_sync > 1, norm=args.norm_layer)
             steps = -(-len(train_data) // cfg["global_batch_size"])
             model.compile(make_optimizer(args, cfg["effective_lr"], steps),
                           modules.SegmentationLoss(args.loss, args.dice_over),

@@ -45,6 +45,22 @@ def test_unet_other_sizes_and_refusal():
         modules.build_unet((256, 100, 1), 6, 4)
 
 
+def test_instance_norm_layer_is_per_image_and_survives_saving(tmp_path):
+    model = modules.build_unet((32, 16, 1), 3, 4, norm="instance")
+    assert not model.non_trainable_weights  # no moving statistics to go stale
+    assert not [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+    rng = np.random.default_rng(0)
+    a, b = rng.random((1, 32, 16, 1), np.float32), 50 * rng.random((1, 32, 16, 1), np.float32)
+    alone = model(a, training=True).numpy()
+    # An image's output does not depend on the batch it is in, nor on training mode.
+    np.testing.assert_allclose(model(np.concatenate([a, b]), training=True).numpy()[:1], alone, atol=1e-5)
+    np.testing.assert_allclose(model(a, training=False).numpy(), alone, atol=1e-5)
+    modules.save_model(model, tmp_path / "m.keras")
+    np.testing.assert_allclose(keras.models.load_model(tmp_path / "m.keras")(a).numpy(), alone, atol=1e-5)
+    with pytest.raises(ValueError, match="norm 'layer'"):
+        modules.build_unet((32, 16, 1), 3, 4, norm="layer")
+
+
 def test_output_layer_float32_under_mixed_precision():
     policy = keras.mixed_precision.global_policy()
     try:

@@ -143,7 +143,7 @@ def test_resume_continues_at_the_next_epoch_unless_stopped_early_and_refuses_cha
     for flag, key in ((["--loss", "dice"], "loss"), (["--lr", "3e-3"], "effective_lr"),
                       (["--precision", "mixed_bfloat16"], "precision"),
                       (["--class-names", "bg,a,b,c,d,e"], "class_names"), (["--norm", "zscore"], "preprocessing"),
-                      (["--ema", "0"], "ema")):
+                      (["--ema", "0"], "ema"), (["--norm-layer", "instance"], "norm_layer")):
         with pytest.raises(SystemExit, match=key):
             train.main(args + ["-e", "3", "--resume", *flag])
 
