@@ -18,8 +18,8 @@ REQUIRED = ("input_size", "target_ids", "channel_names", "class_names", "num_cla
 # predict.py reads: a resume that changed one of these would be recorded but not done.
 RESUME_KEYS = ("target_ids", "input_size", "base_filters", "num_classes", "class_names", "preprocessing", "data",
                "seed", "global_batch_size", "loss", "dice_over", "optimizer", "schedule", "warmup", "ema", "augment",
-               "effective_lr", "precision", "norm_layer", "ema_bn")
-ADDED_KEYS = {"norm_layer": "batch", "ema_bn": "moving"}  # keys newer than some runs, with the value those runs had
+               "effective_lr", "precision", "norm_layer")
+ADDED_KEYS = {"norm_layer": "batch"}  # keys newer than some runs, with the value those runs had
 
 
 class RunError(ValueError):

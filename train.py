@@ -61,9 +61,6 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.1,
                    help="validate and keep a moving average of the weights over about this share of the run's "
                         "steps (0: off)")
-    p.add_argument("--ema-bn", choices=["moving", "refresh"], default="moving",
-                   help="under --ema, validate with the moving batch-norm statistics of training (moving) or with "
-                        "statistics recomputed for the averaged weights over up to 32 training batches (refresh)")
     p.add_argument("-f", "--base-filters", type=int, default=16, help="filters of the first level (64 = classic U-Net)")
     p.add_argument("--norm-layer", choices=modules.NORM_LAYERS, default="batch",
                    help="normalisation after each block's convolutions: batch (the design's) or instance")
@@ -300,26 +297,6 @@ def time_left(history: list, epochs: int, scoring_seconds: float = 0.0) -> str:
     return text
 
 
-class BatchNormOfAverage(keras.callbacks.Callback):
-    """Under --ema, before each validation (after SwapEMAWeights put the averaged weights in): batch-norm
-    statistics that belong to those weights, the mean of the batch statistics over up to `batches` training
-    batches (unaugmented, fixed order), instead of the moving statistics of the weights as trained."""
-
-    def __init__(self, data, batches: int):
-        super().__init__()
-        self.data, self.batches = data, batches
-
-    def on_test_begin(self, logs=None):
-        norms = [l for l in self.model.layers if isinstance(l, keras.layers.BatchNormalization)]
-        momenta = [l.momentum for l in norms]
-        for k, (images, _) in enumerate(self.data.take(self.batches)):
-            for layer in norms:  # moving = k/(k+1) moving + 1/(k+1) batch: the running mean of the k+1 batches
-                layer.momentum = k / (k + 1)
-            self.model(images, training=True)
-        for layer, m in zip(norms, momenta):
-            layer.momentum = m
-
-
 def save_best(model, path: Path) -> None:
     """model.keras: the model as validated, i.e. with the weights' moving average under --ema."""
     optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
@@ -455,10 +432,6 @@ def train(args) -> dict:
     run_state = RunState(out, others, state, names[1:] if channels > 1 else names, test_slices / max(len(val_data), 1))
     # Validation (and so the best model) with the averaged weights; it keeps no state for state.json.
     swap = [keras.callbacks.SwapEMAWeights()] if args.ema else []
-    if args.ema and args.ema_bn == "refresh":
-        if strategy.num_replicas_in_sync > 1:
-            raise SystemExit("error: --ema-bn refresh runs on one replica; use --ema-bn moving with several")
-        swap.append(BatchNormOfAverage(pipeline.make_dataset(train_data, gbs, args.target_ids), 32))
     logs = [keras.callbacks.TensorBoard(str(out / "logs"), write_graph=False, profile_batch=0)] if args.tensorboard else []
     start = time.perf_counter()
     model.fit(train_ds, epochs=args.epochs, initial_epoch=initial_epoch,

@@ -15,7 +15,6 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from conftest import ROOT, SMALL, TINY_RUN_EPOCHS, _shared
 from filelock import FileLock
 
@@ -144,8 +143,7 @@ def test_resume_continues_at_the_next_epoch_unless_stopped_early_and_refuses_cha
     for flag, key in ((["--loss", "dice"], "loss"), (["--lr", "3e-3"], "effective_lr"),
                       (["--precision", "mixed_bfloat16"], "precision"),
                       (["--class-names", "bg,a,b,c,d,e"], "class_names"), (["--norm", "zscore"], "preprocessing"),
-                      (["--ema", "0"], "ema"), (["--norm-layer", "instance"], "norm_layer"),
-                      (["--ema-bn", "refresh"], "ema_bn")):
+                      (["--ema", "0"], "ema"), (["--norm-layer", "instance"], "norm_layer")):
         with pytest.raises(SystemExit, match=key):
             train.main(args + ["-e", "3", "--resume", *flag])
 
@@ -308,21 +306,6 @@ def test_flags_out_of_range_are_refused_naming_the_flag(flags, flag, capsys):
     err = capsys.readouterr().err
     # The message is about that flag (not another check that happens to mention it, as --warmup's names --epochs).
     assert re.search(rf"error: (argument (-\w/)?)?{re.escape(flag)}\b", err), err
-
-
-def test_batch_norm_of_the_average_is_the_mean_of_the_batch_statistics():
-    inputs = keras.Input((4, 4, 1))
-    model = keras.Model(inputs, modules.FusedBatchNormalization(momentum=0.9, name="bn")(inputs))
-    rng = np.random.default_rng(0)
-    batches = [rng.normal(m, s, (2, 4, 4, 1)).astype(np.float32) for m, s in ((1.0, 1.0), (5.0, 2.0), (9.0, 3.0))]
-    data = tf.data.Dataset.from_tensor_slices(np.concatenate(batches)).batch(2).map(lambda x: (x, x))
-    refresh = train.BatchNormOfAverage(data, batches=2)  # the first two batches only
-    refresh.set_model(model)
-    refresh.on_test_begin()
-    bn = model.get_layer("bn")
-    assert float(bn.moving_mean.numpy()[0]) == pytest.approx(np.mean([b.mean() for b in batches[:2]]), rel=1e-5)
-    assert float(bn.moving_variance.numpy()[0]) == pytest.approx(np.mean([b.var() for b in batches[:2]]), rel=1e-4)
-    assert bn.momentum == 0.9  # training's momentum is back
 
 
 def test_help_lists_every_flag_with_its_text(capsys):
