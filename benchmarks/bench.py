@@ -353,6 +353,8 @@ def parse_args(argv=None):
     p.add_argument("--bases", default=None, help="comma-separated base filters to time (default: 16,64; quick: 16)")
     p.add_argument("--train-flags", default="", help="train.py flags for the timed model and pipeline, e.g. "
                    "'--augment wide'")
+    p.add_argument("--precisions", default=None, help="comma-separated precisions to time (default: float32 and "
+                   "what --precision auto picks here); e.g. float32 alone under ONEDNN_MAX_CPU_ISA=AVX2")
     args = p.parse_args(argv)
     if args.peers:
         if not args.peers_dir:
@@ -380,7 +382,8 @@ def main(argv=None) -> int:
             res["loading"], splits = bench_loading(data_dir, cache)
         else:
             splits = {s: dataset.load_split(data_dir, s, cache_dir=cache, progress=False) for s in dataset.SPLITS}
-        precisions = list(dict.fromkeys(["float32", train.choose_precision("auto")]))
+        precisions = (args.precisions.split(",") if args.precisions
+                      else list(dict.fromkeys(["float32", train.choose_precision("auto")])))
         if "train" in parts or "score" in parts:
             bases = [16] if args.quick or "train" not in parts else [16, 64]
             bases = [int(b) for b in args.bases.split(",")] if args.bases else bases
