@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("-o", "--out", default="runs/demo", help="run folder")
     p.add_argument("-e", "--epochs", type=int, default=10, help="total epochs (a resumed run continues to this)")
     p.add_argument("-b", "--batch-size", type=int, default=8, help="batch size per replica")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate for one replica")
+    p.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate for one replica")
     p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam",
                    help="adam; adamw (weight decay 1e-4); sgd (Nesterov momentum 0.99, as nnU-Net)")
     p.add_argument("--schedule", choices=["plateau", "cosine", "poly"], default="cosine",

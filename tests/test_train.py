@@ -150,12 +150,12 @@ def test_resume_continues_at_the_next_epoch_unless_stopped_early_and_refuses_cha
 
 def test_resume_compares_the_effective_learning_rate(tiny_data, one_epoch, tmp_path):
     """A run made on 2 replicas (batch 4 each, lr 1e-3 each: global batch 8, rate 2e-3) resumed on 1 replica with
-    --batch-size 8 keeps the global batch, but the optimizer would run at 1e-3: refused, naming the rate."""
+    --batch-size 8 keeps the global batch, but the optimizer would run at the default, 1.5e-3: refused."""
     out = _copy(one_epoch, tmp_path)
     cfg = json.loads((out / "config.json").read_text())
     cfg.update(replicas=2, batch_size=4, global_batch_size=8, effective_lr=2e-3)  # as a 2-replica run writes it
     (out / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(SystemExit, match=r"effective_lr=0\.002 but this run has 0\.001"):
+    with pytest.raises(SystemExit, match=r"effective_lr=0\.002 but this run has 0\.0015"):
         train.main(_args(tiny_data, out) + ["-e", "2", "--resume", "--batch-size", "8"])
 
 
