@@ -4,6 +4,8 @@
     python benchmarks/real_anatomy.py --datasets brats --brats-dir ~/deepmedic --systems ours \\
         --label "instance norm" --ours-flags="--norm-layer instance" --no-test    # an ablation: validation only
     python benchmarks/real_anatomy.py --datasets mni --variation scanner   # the robustness rows (corrupted MNI)
+    python benchmarks/real_anatomy.py --datasets brats --brats-dir ~/deepmedic --regimes few --epochs-full 9 \\
+        --work benchmarks/work/real-short -o short.json   # "short": 20 slices for 58 epochs (174 steps)
 
 Data sets (each module's docstring says exactly how it is made):
   brats  six glioma patients (brats.py), FLAIR at 3 mm, 80x80; 3 patient-disjoint folds (3 train / 1 validate /
@@ -86,12 +88,21 @@ def run_folder(work: Path, ds: str, variation: str, regime: str, fold: int, name
 
 # ----------------------------------------------------------------------------- systems
 
+def check_length(out: Path, epochs: int, recorded: int) -> None:
+    """Refuse a run folder that holds a run of another length (run folders do not name the epochs)."""
+    if recorded != epochs:
+        raise SystemExit(f"error: {out} holds a run of {recorded} epochs but this comparison asks for {epochs}; "
+                         "give other epochs (--epochs-full) another --work folder")
+
+
 def run_ours(data: Path, out: Path, a, seed: int, epochs: int, classes, size: str) -> dict:
     """train.py with the project's defaults (+ --ours-flags), then predict.py on validation (and test)."""
     flags = ["-d", str(data), "-o", str(out), "-e", str(epochs), "-f", str(a.base_filters), "--size", size,
              "-b", str(a.batch_size), "--seed", str(seed), "--class-names", ",".join(classes), "-q",
              *a.ours_flags.split()]
     repo = a.repo.resolve()
+    if (out / "config.json").exists():
+        check_length(out, epochs, json.loads((out / "config.json").read_text())["epochs"])
     if not (out / "state.json").exists() or json.loads((out / "state.json").read_text())["epoch"] + 1 < epochs:
         subprocess.run([sys.executable, str(repo / "train.py"), *flags, "--resume"], check=True, cwd=repo,
                        stdout=subprocess.DEVNULL)
@@ -146,6 +157,7 @@ def run_peer(name: str, data: Path, out: Path, a, seed: int, epochs: int, classe
     if path.exists():
         with np.load(path) as z:
             stale = "val_pred" not in z.files  # from before validation was scored
+            check_length(out, epochs, len(z["val_dice"]))
         if stale:
             path.unlink()
     if not path.exists():

@@ -79,3 +79,19 @@ def test_rows_give_mean_and_std_over_runs_and_leave_test_out_when_it_was_not_sco
     assert row["worst_val_drop"] == pytest.approx(0.1)  # 0.5 -> 0.4, after the first quarter
     untested = real_anatomy.summary([dict(r, test_dice=None, per_label=None) for r in runs])
     assert "test_dice_mean" not in untested and untested["val_dice_mean"] == pytest.approx(0.7)
+
+
+def test_a_run_folder_of_another_length_is_refused_not_reused(tmp_path):
+    a = real_anatomy.parse_args(["--work", str(tmp_path)])
+    ours, peer = tmp_path / "ours", tmp_path / "peer"
+    ours.mkdir()
+    (ours / "config.json").write_text('{"epochs": 129}')
+    with pytest.raises(SystemExit, match=r"ours holds a run of 129 epochs but this comparison asks for 58"):
+        real_anatomy.run_ours(tmp_path / "data", ours, a, 42, 58, brats.CLASSES, "80x80")
+    (peer / "npz-raw").mkdir(parents=True)  # the peer's arrays already written, so only the result is read
+    (peer / "npz-raw" / "test.npz").touch()
+    run = peer / "monai" / "seed42"
+    run.mkdir(parents=True)
+    np.savez(run / "result.npz", val_dice=np.zeros(129), val_pred=np.zeros(1))
+    with pytest.raises(SystemExit, match=r"holds a run of 129 epochs but this comparison asks for 58"):
+        real_anatomy.run_peer("monai", tmp_path / "data", run, a, 42, 58, brats.CLASSES, "80x80")
