@@ -140,7 +140,7 @@ def test_resume_continues_at_the_next_epoch_unless_stopped_early_and_refuses_cha
     with pytest.raises(SystemExit, match="base_filters"):
         train.main(args + ["-e", "3", "--resume", "-f", "8"])
     # The checkpoint keeps its loss, learning rate and precision: a resume may not claim to have changed them.
-    for flag, key in ((["--loss", "dice"], "loss"), (["--lr", "3e-3"], "effective_lr"),
+    for flag, key in ((["--loss", "dice"], "loss"), (["--lr", "5e-3"], "effective_lr"),
                       (["--precision", "mixed_bfloat16"], "precision"),
                       (["--class-names", "bg,a,b,c,d,e"], "class_names"), (["--norm", "zscore"], "preprocessing"),
                       (["--ema", "0"], "ema"), (["--norm-layer", "instance"], "norm_layer")):
@@ -150,13 +150,21 @@ def test_resume_continues_at_the_next_epoch_unless_stopped_early_and_refuses_cha
 
 def test_resume_compares_the_effective_learning_rate(tiny_data, one_epoch, tmp_path):
     """A run made on 2 replicas (batch 4 each, lr 1e-3 each: global batch 8, rate 2e-3) resumed on 1 replica with
-    --batch-size 8 keeps the global batch, but the optimizer would run at the default, 1.5e-3: refused."""
+    --batch-size 8 keeps the global batch, but the optimizer would run at the default of a run this short, 3e-3:
+    refused."""
     out = _copy(one_epoch, tmp_path)
     cfg = json.loads((out / "config.json").read_text())
     cfg.update(replicas=2, batch_size=4, global_batch_size=8, effective_lr=2e-3)  # as a 2-replica run writes it
     (out / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(SystemExit, match=r"effective_lr=0\.002 but this run has 0\.0015"):
+    with pytest.raises(SystemExit, match=r"effective_lr=0\.002 but this run has 0\.003"):
         train.main(_args(tiny_data, out) + ["-e", "2", "--resume", "--batch-size", "8"])
+
+
+def test_the_default_rate_is_higher_for_short_runs(one_epoch):
+    assert train.default_lr(250) == pytest.approx(3e-3) and train.default_lr(251) == pytest.approx(1.5e-3)
+    assert train.default_lr(1250) == pytest.approx(1.5e-3)  # the demo: 10 epochs of 125 steps
+    cfg = json.loads((one_epoch / "config.json").read_text())  # one epoch on the tiny data: a few steps
+    assert cfg["lr"] == pytest.approx(3e-3) and cfg["effective_lr"] == pytest.approx(3e-3)
 
 
 def _averaged(run):
