@@ -109,7 +109,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     checks = [(args.epochs >= 1, f"--epochs {args.epochs}: expected 1 or more"),
               (args.batch_size >= 1, f"--batch-size {args.batch_size}: expected 1 or more"),
-              (args.lr is None or (args.lr > 0 and np.isfinite(args.lr)), f"--lr {args.lr}: expected a positive number"),
+              (args.lr is None or (args.lr > 0 and np.isfinite(args.lr)),
+               f"--lr {args.lr}: expected a positive number"),
               (0 <= args.ema < 1, f"--ema {args.ema:g}: expected a share of the run in [0, 1) (0: no average)"),
               (args.warmup >= 0, f"--warmup {args.warmup:g}: expected 0 or more epochs"),
               (args.schedule == "plateau" or args.warmup <= args.epochs,
@@ -383,8 +384,9 @@ def train(args) -> dict:
     train_data = dataset.load_split(data_dir, "train", **load)
     val_data = dataset.load_split(data_dir, "validate", **load)
     args.data_dir = str(data_dir.resolve())  # predict.py may run from another folder
+    steps_per_epoch = -(-len(train_data) // (args.batch_size * strategy.num_replicas_in_sync))  # global batches
     if args.lr is None:
-        args.lr = default_lr(args.epochs * -(-len(train_data) // (args.batch_size * strategy.num_replicas_in_sync)))
+        args.lr = default_lr(args.epochs * steps_per_epoch)
     cfg = run_config(args, prep, precision, strategy, train_data, val_data)
 
     names = cfg["channel_names"]
@@ -397,8 +399,7 @@ def train(args) -> dict:
         if model is None:
             model = modules.build_unet((*args.size, 1), channels, args.base_filters,
                                        sync_bn=strategy.num_replicas_in_sync > 1, norm=args.norm_layer)
-            steps = -(-len(train_data) // cfg["global_batch_size"])
-            model.compile(make_optimizer(args, cfg["effective_lr"], steps),
+            model.compile(make_optimizer(args, cfg["effective_lr"], steps_per_epoch),
                           modules.SegmentationLoss(args.loss, args.dice_over),
                           metrics=modules.segmentation_metrics(names), jit_compile=jit)
             # The optimizer's variables made now, not in fit's first step: Keras then traces the step once, not
@@ -448,7 +449,7 @@ def train(args) -> dict:
     logs = [keras.callbacks.TensorBoard(str(out / "logs"), write_graph=False, profile_batch=0)] if args.tensorboard else []
     start = time.perf_counter()
     model.fit(train_ds, epochs=args.epochs, initial_epoch=initial_epoch,
-              steps_per_epoch=-(-len(train_data) // gbs), validation_data=val_ds, shuffle=False,
+              steps_per_epoch=steps_per_epoch, validation_data=val_ds, shuffle=False,
               callbacks=[*others.values(), *swap, run_state, *logs], verbose=1 if sys.stdout.isatty() and not args.quiet else 0)
     st = run_state.state
     print(f"done in {time.perf_counter() - start:.0f}s: best {MONITOR} {st['best']:.4f} at epoch {st['best_epoch']}; "
