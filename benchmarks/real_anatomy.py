@@ -240,6 +240,9 @@ def parse_args(argv=None):
     if set(a.datasets.split(",")) - set(DATASETS) or set(a.systems.split(",")) - {"ours", "monai", "keras_seed"} \
             or set(a.regimes.split(",")) - {"full", "few"}:
         p.error("--datasets takes brats,mni; --systems ours,monai,keras_seed; --regimes full,few")
+    for key in ("brats_dir", "repo", "work", "peer_venv", "out"):  # train.py runs in --repo: no relative paths
+        if getattr(a, key) is not None:
+            setattr(a, key, getattr(a, key).resolve())
     return a
 
 

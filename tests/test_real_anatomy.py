@@ -95,3 +95,10 @@ def test_a_run_folder_of_another_length_is_refused_not_reused(tmp_path):
     np.savez(run / "result.npz", val_dice=np.zeros(129), val_pred=np.zeros(1))
     with pytest.raises(SystemExit, match=r"holds a run of 129 epochs but this comparison asks for 58"):
         real_anatomy.run_peer("monai", tmp_path / "data", run, a, 42, 58, brats.CLASSES, "80x80")
+
+
+def test_relative_folders_are_made_absolute_because_train_py_runs_in_repo(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a = real_anatomy.parse_args(["--work", "w", "--brats-dir", "src", "--repo", ".", "-o", "r.json"])
+    assert a.work == tmp_path / "w" and a.brats_dir == tmp_path / "src" and a.out == tmp_path / "r.json"
+    assert a.repo == tmp_path and a.peer_venv.is_absolute()
