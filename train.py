@@ -163,6 +163,11 @@ def default_lr(steps: int) -> float:
     return SHORT_RUN_LR if steps <= SHORT_RUN_STEPS else LR
 
 
+def peak_lr(args, steps_per_epoch: int) -> float:
+    """--lr if given, else the default rate for --epochs of this many steps."""
+    return default_lr(args.epochs * steps_per_epoch) if args.lr is None else args.lr
+
+
 def make_optimizer(args, lr: float, steps_per_epoch: int):
     """The optimizer at the effective rate, with the learning-rate schedule of --schedule and --warmup."""
     if args.schedule != "plateau":
@@ -385,8 +390,7 @@ def train(args) -> dict:
     val_data = dataset.load_split(data_dir, "validate", **load)
     args.data_dir = str(data_dir.resolve())  # predict.py may run from another folder
     steps_per_epoch = -(-len(train_data) // (args.batch_size * strategy.num_replicas_in_sync))  # global batches
-    if args.lr is None:
-        args.lr = default_lr(args.epochs * steps_per_epoch)
+    args.lr = peak_lr(args, steps_per_epoch)
     cfg = run_config(args, prep, precision, strategy, train_data, val_data)
 
     names = cfg["channel_names"]

@@ -159,7 +159,7 @@ def build_model(base: int, precision: str, steps_per_epoch: int = 125):
     args = train.parse_args([*TRAIN_FLAGS, "-f", str(base)])
     model = modules.build_unet((*args.size, 1), len(args.class_names), base)
     jit = args.jit == "on" or (args.jit == "auto" and bool(tf.config.list_physical_devices("GPU")))  # as train.py
-    lr = args.lr or train.default_lr(args.epochs * steps_per_epoch)  # --lr unset: the rate train.py would pick
+    lr = train.peak_lr(args, steps_per_epoch)  # the rate train.py would pick
     model.compile(train.make_optimizer(args, lr, steps_per_epoch), modules.SegmentationLoss(args.loss, args.dice_over),
                   metrics=modules.segmentation_metrics(args.class_names), jit_compile=jit)
     model.optimizer.build(model.trainable_variables)

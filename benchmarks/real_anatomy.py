@@ -100,17 +100,16 @@ def run_ours(data: Path, out: Path, a, seed: int, epochs: int, classes, size: st
     flags = ["-d", str(data), "-o", str(out), "-e", str(epochs), "-f", str(a.base_filters), "--size", size,
              "-b", str(a.batch_size), "--seed", str(seed), "--class-names", ",".join(classes), "-q",
              *a.ours_flags.split()]
-    repo = a.repo.resolve()
     if (out / "config.json").exists():
         check_length(out, epochs, json.loads((out / "config.json").read_text())["epochs"])
     if not (out / "state.json").exists() or json.loads((out / "state.json").read_text())["epoch"] + 1 < epochs:
-        subprocess.run([sys.executable, str(repo / "train.py"), *flags, "--resume"], check=True, cwd=repo,
+        subprocess.run([sys.executable, str(a.repo / "train.py"), *flags, "--resume"], check=True, cwd=a.repo,
                        stdout=subprocess.DEVNULL)
     scores = {}
     for split in ("validate",) + (("test",) if a.test else ()):
         if not (out / f"eval-{split}" / "metrics.json").exists():
-            subprocess.run([sys.executable, str(repo / "predict.py"), "--run", str(out), "--split", split,
-                            "--figures", "0", "-q"], check=True, cwd=repo, stdout=subprocess.DEVNULL)
+            subprocess.run([sys.executable, str(a.repo / "predict.py"), "--run", str(out), "--split", split,
+                            "--figures", "0", "-q"], check=True, cwd=a.repo, stdout=subprocess.DEVNULL)
         metrics = json.loads((out / f"eval-{split}" / "metrics.json").read_text())
         scores[split] = (metrics["mean_foreground_dice"], {k: v["mean"] for k, v in metrics["dice_per_slice"].items()})
     history = json.loads((out / "state.json").read_text())["history"]

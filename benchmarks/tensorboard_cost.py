@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     prep = Preprocessing(args.size, args.norm, args.num_classes, args.fit)
     data = dataset.load_split(data_dir, "validate", prep, progress=False)  # 160 slices: training and validation
     model = modules.build_unet((*args.size, 1), args.num_classes, args.base_filters)
-    lr = args.lr or train.default_lr(args.epochs * a.steps)  # --lr unset: the rate train.py would pick
+    lr = train.peak_lr(args, a.steps)  # the rate train.py would pick
     model.compile(train.make_optimizer(args, lr, a.steps), modules.SegmentationLoss(args.loss, args.dice_over),
                   metrics=modules.segmentation_metrics(args.class_names))
     model.optimizer.build(model.trainable_variables)

@@ -163,6 +163,9 @@ def test_resume_compares_the_effective_learning_rate(tiny_data, one_epoch, tmp_p
 def test_the_default_rate_is_higher_for_short_runs(one_epoch):
     assert train.default_lr(300) == pytest.approx(3e-3) and train.default_lr(301) == pytest.approx(1.5e-3)
     assert train.default_lr(1250) == pytest.approx(1.5e-3)  # the demo: 10 epochs of 125 steps
+    assert train.peak_lr(train.parse_args(["-e", "3"]), 100) == pytest.approx(3e-3)  # 300 steps
+    assert train.peak_lr(train.parse_args(["-e", "3"]), 101) == pytest.approx(1.5e-3)
+    assert train.peak_lr(train.parse_args(["-e", "3", "--lr", "5e-4"]), 100) == pytest.approx(5e-4)  # --lr wins
     cfg = json.loads((one_epoch / "config.json").read_text())  # one epoch on the tiny data: a few steps
     assert cfg["lr"] == pytest.approx(3e-3) and cfg["effective_lr"] == pytest.approx(3e-3)
 
