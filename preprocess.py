@@ -115,7 +115,7 @@ def read_slice(path, with_image: bool = False):
     data = read_voxels(image, path)
     if np.squeeze(data).ndim != 2:
         raise DataError(f"{path}: shape {data.shape}, expected one 2D slice (rows, cols) with at most "
-                        "singleton extra axes; split volumes into slices first")
+                        "singleton extra axes; split labelled volumes into slices first (python slice_scans.py)")
     return (np.squeeze(data), image) if with_image else np.squeeze(data)
 
 
