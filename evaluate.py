@@ -158,8 +158,10 @@ def print_table(metrics: dict) -> None:
     def cell(s, digits=3):
         return "-" if s is None or s["mean"] is None else f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} ({s['n']})"
 
+    width = max(12, 2 + max(map(len, metrics["classes"]), default=0))
+
     def row(*cells):
-        print(f"{cells[0]:<12}" + "".join(f"{c:>24}" for c in cells[1:]))
+        print(f"{cells[0]:<{width}}" + "".join(f"{c:>24}" for c in cells[1:]))
 
     physical = metrics.get("physical") or {}
     print(f"\n{metrics['split']}: {metrics['n_slices']} slices, {metrics['n_volumes']} volumes"

@@ -3,18 +3,20 @@
     python slice_scans.py --images imagesTr --labels labelsTr --out data/prostate
     python train.py --data-dir data/prostate --class-names background,peripheral,transition
 
-Images and labels are paired by file name (an nnU-Net channel suffix such as `_0000` is ignored). Every scan is
-turned to the closest canonical orientation (RAS, nibabel's `as_closest_canonical`) and cut into its axial
-slices, each written with the affine of its place in the scan, so training records the pixel spacing and
-orientation that `predict.py --input` later matches whole scans to. Intensities are kept as stored (train.py
-scales each slice); labels must be integers. Patients, not slices, are split into train / validate / test
-(`--split`, shuffled with `--seed`), so no patient is in two splits; scans of one patient (`--patient REGEX`)
-stay together. `cases.csv` in the output says which scan became which case and split.
+Images and labels are paired by file name (an nnU-Net channel suffix such as `_0000` is ignored) or, with
+`--key REGEX`, by a part of their paths (one folder per patient: `--images 'data/*/flair.nii.gz' --key ...`).
+Every scan is turned to the closest canonical orientation (RAS, nibabel's `as_closest_canonical`) and cut
+into its axial slices, each written with the affine of its place in the scan, so training records the pixel
+spacing and orientation that `predict.py --input` later matches whole scans to. Intensities are kept as
+stored (train.py scales each slice); labels must be integers. Patients, not slices, are split into train /
+validate / test (`--split`, shuffled with `--seed`), so no patient is in two splits; scans of one patient
+(`--patient REGEX`) stay together. `cases.csv` in the output says which scan became which case and split.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import gzip
 import re
 import sys
@@ -29,33 +31,53 @@ from dataset import SPLITS
 from preprocess import DataError, check_image, check_mask, load_nifti, read_voxels
 
 CHANNEL_SUFFIX = re.compile(r"_\d{4}$")  # nnU-Net's imagesTr/NAME_0000.nii.gz
+NIFTI = re.compile(r"\.nii(\.gz)?$")
 
 
 def stem(path: Path) -> str:
     """The file name without .nii or .nii.gz."""
-    return re.sub(r"\.nii(\.gz)?$", "", path.name)
+    return NIFTI.sub("", path.name)
 
 
-def pair_scans(images: Path, labels: Path) -> list[tuple[str, Path, Path]]:
+def scan_files(where) -> list[Path]:
+    """The NIfTI files in a folder, or those a glob pattern matches (`**` for any depth), sorted."""
+    folder = Path(where)
+    files = folder.glob("*.nii*") if folder.is_dir() else map(Path, glob.glob(str(where), recursive=True))
+    return sorted(p for p in files if NIFTI.search(p.name) and not p.name.startswith(".") and p.is_file())
+
+
+def scan_name(path: Path, kind: str, key: str | None) -> str:
+    """What pairs an image with its labels: the first group of `key` in the file's path, or else the file name
+    (for images without an nnU-Net channel suffix)."""
+    if key is None:
+        return CHANNEL_SUFFIX.sub("", stem(path)) if kind == "image" else stem(path)
+    m = re.search(key, path.as_posix())
+    if not m:
+        raise DataError(f"{path}: --key {key!r} does not match its path; expected a regular expression whose "
+                        "first group names the scan in both the image and the label paths")
+    return m.group(1) if m.groups() else m.group(0)
+
+
+def pair_scans(images, labels, key: str | None = None) -> list[tuple[str, Path, Path]]:
     """(name, image, label) of every scan, paired by name; an image without a label (or a label without an
     image) is an error naming it."""
     found = {}
-    for kind, folder in (("image", images), ("label", labels)):
-        files = sorted(p for p in Path(folder).glob("*.nii*") if re.search(r"\.nii(\.gz)?$", p.name)
-                       and not p.name.startswith("."))
+    for kind, where in (("image", images), ("label", labels)):
+        files = scan_files(where)
         if not files:
-            raise DataError(f"{folder}: no .nii or .nii.gz files; expected the {kind} scans")
+            raise DataError(f"{where}: no .nii or .nii.gz files; expected the {kind} scans (a folder or a "
+                            "pattern such as 'data/**/flair.nii.gz')")
         for p in files:
-            name = CHANNEL_SUFFIX.sub("", stem(p)) if kind == "image" else stem(p)
+            name = scan_name(p, kind, key)
             if name in found.get(kind, {}):
-                raise DataError(f"{p}: a second {kind} for scan {name!r} (also {found[kind][name]}); "
-                                "expected one file per scan (pick a channel with --channel)")
+                raise DataError(f"{p}: a second {kind} for scan {name!r} (also {found[kind][name]}); expected one "
+                                "file per scan (--key REGEX names scans by their path, --channel picks a channel)")
             found.setdefault(kind, {})[name] = p
     lonely = sorted(set(found["image"]) ^ set(found["label"]))
     if lonely:
         where = [str(found["image"].get(n) or found["label"].get(n)) for n in lonely[:5]]
         raise DataError(f"{len(lonely)} scans without a partner, e.g. {', '.join(where)}; expected each image in "
-                        f"{images} to have a label file of the same name in {labels}")
+                        f"{images} to have a label file of the same name in {labels} (or the same --key)")
     return [(n, found["image"][n], found["label"][n]) for n in sorted(found["image"])]
 
 
@@ -102,7 +124,8 @@ def read_scan(image_path: Path, label_path: Path, channel: int | None):
         raise DataError(f"{label_path}: shape {labels.shape}, expected {image.shape} as its image {image_path}")
     if not np.allclose(labels.affine, image.affine, atol=1e-3 * max(1.0, np.abs(image.affine).max())):
         raise DataError(f"{label_path}: its affine differs from its image's ({image_path}); expected the labels "
-                        f"on the image's voxel grid\nlabels:\n{labels.affine.round(3)}\nimage:\n{image.affine.round(3)}")
+                        f"on the image's voxel grid\nlabels:\n{labels.affine.round(3)}\n"
+                        f"image:\n{image.affine.round(3)}")
     image, labels = nib.as_closest_canonical(image), nib.as_closest_canonical(labels)
     voxels = check_image(read_voxels(image, image_path), str(image_path))
     mask = check_mask(read_voxels(labels, label_path).reshape(image.shape), str(label_path), 256)
@@ -126,7 +149,7 @@ def write_scan(out: Path, split: str, case: int, week: int, voxels, mask, affine
     return voxels.shape[2]
 
 
-def convert(images, labels, out, split=(0.6, 0.2, 0.2), seed=42, patient=None, channel=None,
+def convert(images, labels, out, split=(0.6, 0.2, 0.2), seed=42, patient=None, channel=None, key=None,
             progress=True) -> list[dict]:
     """Write the scans under `out` in the HipMRI layout; returns the rows of cases.csv."""
     out = Path(out)
@@ -134,7 +157,7 @@ def convert(images, labels, out, split=(0.6, 0.2, 0.2), seed=42, patient=None, c
     if taken:
         raise DataError(f"{out}: already holds {', '.join(taken)}; expected a new or empty folder "
                         "(nothing there is overwritten)")
-    scans = pair_scans(Path(images), Path(labels))
+    scans = pair_scans(images, labels, key)
     owners = [patient_of(name, patient) for name, _, _ in scans]
     patients = sorted(set(owners))
     splits = split_patients(patients, split, seed)
@@ -159,8 +182,12 @@ def convert(images, labels, out, split=(0.6, 0.2, 0.2), seed=42, patient=None, c
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--images", required=True, type=Path, help="folder of 3D image scans (.nii or .nii.gz)")
-    p.add_argument("--labels", required=True, type=Path, help="folder of their label maps, same file names")
+    p.add_argument("--images", required=True, help="folder of 3D image scans (.nii or .nii.gz), or a glob "
+                                                     "pattern such as 'brats/**/Flair*.nii.gz'")
+    p.add_argument("--labels", required=True, help="folder or pattern of their label maps")
+    p.add_argument("--key", default=None,
+                   help="regular expression whose first group in a file's path pairs image and labels, e.g. "
+                        "'pat(\\d+)' for one folder per patient (none: the file name, less a _0000 suffix)")
     p.add_argument("--out", required=True, type=Path, help="new folder for the HipMRI layout")
     p.add_argument("--split", default="0.6,0.2,0.2", help="shares of the patients for train,validate,test")
     p.add_argument("--seed", type=int, default=42, help="seed of the patient shuffle")
@@ -181,7 +208,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     a = parse_args(argv)
     try:
-        rows = convert(a.images, a.labels, a.out, a.split, a.seed, a.patient, a.channel)
+        rows = convert(a.images, a.labels, a.out, a.split, a.seed, a.patient, a.channel, a.key)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

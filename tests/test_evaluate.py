@@ -153,6 +153,16 @@ def test_absent_labels_have_no_value_anywhere(tmp_path):
     assert summary["warnings"] == []
 
 
+def test_table_columns_stay_aligned_with_long_label_names(capsys):
+    refs, truths, preds = split_with_blobs({1: [0, 1]})
+    names = ["one", "a_label_named_at_length"]
+    summary, _ = evaluate.score_split(refs, truths, preds, [1, 2], names, {"case_001_week_0": (1, 1, 1)})
+    evaluate.print_table({**summary, "split": "test", "n_slices": 2, "n_volumes": 1, "classes": names})
+    lines = capsys.readouterr().out.strip().splitlines()[1:]
+    assert lines[2].startswith("a_label_named_at_length ")
+    assert len({len(line) for line in lines[:-1]}) == 1  # header and label rows end in the same column
+
+
 def squares(spacing):
     """Truth 21x21 and pred 25x25 squares with the same centre in a 41x41 image."""
     truth, pred = np.zeros((41, 41), bool), np.zeros((41, 41), bool)

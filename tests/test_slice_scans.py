@@ -1,5 +1,6 @@
 """slice_scans.py: labelled 3D scans into the HipMRI layout, canonical orientation, patients kept in one split."""
 import csv
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -62,6 +63,23 @@ def test_scans_become_canonical_slices_with_each_patient_in_one_split(tmp_path):
     loaded = dataset.load_split(tmp_path / "out", "train", Preprocessing(size=(32, 16), num_classes=3),
                                 use_cache=False)
     assert len(loaded) == 5 * sum(r["split"] == "train" for r in table) and set(np.unique(loaded.masks)) == {0, 1, 2}
+
+
+def test_one_folder_per_patient_pairs_by_key(tmp_path):
+    for i in range(3):
+        image, labels = volume(i)
+        folder = tmp_path / f"study_pat{i:04d}"
+        folder.mkdir()
+        nib.save(nib.Nifti1Image(image, LPS), folder / "flair.nii.gz")
+        nib.save(nib.Nifti1Image(labels, LPS), folder / "truth.nii")
+    images, labels = str(tmp_path / "**" / "flair.nii*"), str(tmp_path / "*" / "truth.nii*")
+    with pytest.raises(DataError, match="a second image for scan 'flair'.*--key"):
+        slice_scans.convert(images, labels, tmp_path / "out", progress=False)
+    with pytest.raises(DataError, match=r"truth.nii: --key 'flair_\(.\)' does not match"):
+        slice_scans.pair_scans(str(tmp_path / "*" / "truth.nii"), labels, key="flair_(.)")
+    rows = slice_scans.convert(images, labels, tmp_path / "out", key=r"pat(\d+)", progress=False)
+    assert [(r["patient"], Path(r["image"]).parent, Path(r["label"]).parent) for r in rows] == [
+        (f"{i:04d}", tmp_path / f"study_pat{i:04d}", tmp_path / f"study_pat{i:04d}") for i in range(3)]
 
 
 def test_split_is_seeded_and_needs_a_patient_for_each_split():
