@@ -150,8 +150,9 @@ def write_scan(out: Path, split: str, case: int, week: int, voxels, mask, affine
 
 
 def convert(images, labels, out, split=(0.6, 0.2, 0.2), seed=42, patient=None, channel=None, key=None,
-            progress=True) -> list[dict]:
-    """Write the scans under `out` in the HipMRI layout; returns the rows of cases.csv."""
+            relabel=None, progress=True) -> list[dict]:
+    """Write the scans under `out` in the HipMRI layout (label values mapped by `relabel`, {old: new}, if given);
+    returns the rows of cases.csv."""
     out = Path(out)
     taken = [f for pair in SPLITS.values() for f in pair if (out / f).exists() and any((out / f).iterdir())]
     if taken:
@@ -164,6 +165,10 @@ def convert(images, labels, out, split=(0.6, 0.2, 0.2), seed=42, patient=None, c
     rows, weeks = [], {}
     for (name, image_path, label_path), owner in zip(tqdm(scans, desc="scans", disable=not progress), owners):
         voxels, mask, affine = read_scan(image_path, label_path, channel)
+        if relabel:
+            lookup = np.arange(256, dtype=np.uint8)
+            lookup[list(relabel)] = list(relabel.values())
+            mask = lookup[mask]
         case, week = patients.index(owner) + 1, weeks.setdefault(owner, 0)
         weeks[owner] += 1
         n = write_scan(out, splits[owner], case, week, voxels, mask, affine)
@@ -195,6 +200,8 @@ def parse_args(argv=None):
                    help="regular expression whose first group in a file name names the patient, so that "
                         "several scans of one patient share a split (none: one patient per scan)")
     p.add_argument("--channel", type=int, default=None, help="the channel of 4D images to take (e.g. 0 for T2)")
+    p.add_argument("--relabel", default=None,
+                   help="label values to change, OLD:NEW,... (e.g. 255:1 for masks saved as 0/255); others stay")
     a = p.parse_args(argv)
     try:
         shares = tuple(float(s) for s in a.split.split(","))
@@ -202,13 +209,20 @@ def parse_args(argv=None):
     except (ValueError, AssertionError):
         p.error(f"--split {a.split}: expected three shares above 0 for train,validate,test, e.g. 0.6,0.2,0.2")
     a.split = tuple(s / sum(shares) for s in shares)
+    if a.relabel is not None:
+        try:
+            mapping = {int(old): int(new) for old, new in (pair.split(":") for pair in a.relabel.split(","))}
+            assert all(0 <= v <= 255 for pair in mapping.items() for v in pair)
+        except (ValueError, AssertionError):
+            p.error(f"--relabel {a.relabel}: expected OLD:NEW pairs of labels 0..255, e.g. 255:1 or 1:1,2:1")
+        a.relabel = mapping
     return a
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
     try:
-        rows = convert(a.images, a.labels, a.out, a.split, a.seed, a.patient, a.channel, a.key)
+        rows = convert(a.images, a.labels, a.out, a.split, a.seed, a.patient, a.channel, a.key, a.relabel)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -82,6 +82,20 @@ def test_one_folder_per_patient_pairs_by_key(tmp_path):
         (f"{i:04d}", tmp_path / f"study_pat{i:04d}", tmp_path / f"study_pat{i:04d}") for i in range(3)]
 
 
+def test_relabel_maps_label_values(tmp_path):
+    for i in range(3):
+        image, labels = volume(i)
+        scan(tmp_path, f"s{i}", image, labels * 127)  # 0 / 127 / 254, as masks saved by an image editor
+    rows = slice_scans.convert(tmp_path / "images", tmp_path / "labels", tmp_path / "out",
+                               relabel={127: 1, 254: 2}, progress=False)
+    assert {r["labels"] for r in rows} == {"0 1 2"}
+    assert slice_scans.parse_args(["--images", "i", "--labels", "l", "--out", "o", "--relabel", "255:1,4:3"]
+                                  ).relabel == {255: 1, 4: 3}
+    for bad in ("255", "256:1", "a:b"):
+        with pytest.raises(SystemExit):
+            slice_scans.parse_args(["--images", "i", "--labels", "l", "--out", "o", "--relabel", bad])
+
+
 def test_split_is_seeded_and_needs_a_patient_for_each_split():
     patients = [f"p{i}" for i in range(10)]
     a = slice_scans.split_patients(patients, (0.6, 0.2, 0.2), 42)
