@@ -107,7 +107,8 @@ def split_patients(patients: list[str], fractions: tuple, seed: int) -> dict:
 
 
 def read_scan(image_path: Path, label_path: Path, channel: int | None):
-    """(image, labels) as canonical (RAS) nibabel images with 3D data, checked against each other."""
+    """(voxels, labels, affine) of one scan turned to the closest canonical orientation (RAS), the labels
+    checked against the image (shape, grid, integer values)."""
     image, labels = load_nifti(image_path), load_nifti(label_path)
     shape = image.shape
     if len(shape) == 4 and shape[3] > 1:
@@ -156,8 +157,8 @@ def convert(images, labels, out, split=(0.6, 0.2, 0.2), seed=42, patient=None, c
     out = Path(out)
     taken = [f for pair in SPLITS.values() for f in pair if (out / f).exists() and any((out / f).iterdir())]
     if taken:
-        raise DataError(f"{out}: already holds {', '.join(taken)}; expected a new or empty folder "
-                        "(nothing there is overwritten)")
+        raise DataError(f"{out}: already holds {', '.join(taken)}; expected a new or empty folder (nothing there "
+                        "is overwritten; a conversion that was stopped has no cases.csv: delete its folder first)")
     scans = pair_scans(images, labels, key)
     owners = [patient_of(name, patient) for name, _, _ in scans]
     patients = sorted(set(owners))
