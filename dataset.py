@@ -342,6 +342,13 @@ def label_shares(data: SplitData, class_names) -> dict:
     return {name: float(totals[i] / max(totals.sum(), 1)) for i, name in enumerate(class_names)}
 
 
+def absent_labels(data: SplitData, class_names, wanted=None) -> list:
+    """'N (name)' for each foreground label (or each of `wanted`) that no mask of the split holds."""
+    totals = data.label_counts.sum(axis=0)
+    wanted = range(1, len(class_names)) if wanted is None else wanted
+    return [f"{i} ({class_names[i]})" for i in wanted if not totals[i]]
+
+
 def describe(data_dir, num_classes=len(CLASS_NAMES), cache_dir=None) -> dict:
     """Counts, shapes, orientation, spacing, label shares and every problem found, per split."""
     find_data_root(data_dir)  # a missing folder is one problem, not one per split

@@ -218,6 +218,18 @@ def default_data(progress: bool = True) -> Path:
     return DEMO_PHANTOM
 
 
+def check_labels(train_data, args, data_dir) -> None:
+    """Refuse training masks without any label to learn; warn of named labels that none of them holds."""
+    absent = dataset.absent_labels(train_data, args.class_names, args.target_ids)
+    if len(absent) == len(args.target_ids or args.class_names[1:]):
+        raise DataError(f"{data_dir}: no training mask holds {'the target' if args.target_ids else 'any label but 0'} "
+                        f"({', '.join(absent)}); expected masks with the labels of --class-names {args.class_names}")
+    if absent:
+        print(f"warning: {data_dir}: no training mask holds label {', '.join(absent)} of the {len(args.class_names)} "
+              "that --class-names names: the model cannot learn them and scores them nowhere. If the masks have "
+              "other labels, say which with --class-names (background first)", file=sys.stderr)
+
+
 def run_config(args, prep, precision, strategy, train, val) -> dict:
     """config.json's content: every flag, the preprocessing, the data and what the run ran on."""
     return config.build(
@@ -388,6 +400,7 @@ def train(args) -> dict:
                 max_bad_fraction=args.max_bad_fraction)
     train_data = dataset.load_split(data_dir, "train", **load)
     val_data = dataset.load_split(data_dir, "validate", **load)
+    check_labels(train_data, args, data_dir)
     args.data_dir = str(data_dir.resolve())  # predict.py may run from another folder
     steps_per_epoch = -(-len(train_data) // (args.batch_size * strategy.num_replicas_in_sync))  # global batches
     args.lr = peak_lr(args, steps_per_epoch)

@@ -257,6 +257,28 @@ def test_bad_data_gives_a_message_not_a_traceback(tmp_path, capsys):
     assert "nowhere does not exist" in capsys.readouterr().err
 
 
+def test_labels_no_training_mask_holds_are_named(tiny_data, tmp_path, capsys):
+    """A label set that does not match the masks (e.g. prostate-only masks with the six HipMRI names) is said,
+    not trained in silence: a warning for named labels no training mask holds, an error when none is held."""
+    names = ["background", "body", "bone", "bladder", "rectum", "prostate", "urethra"]
+    data = argparse.Namespace(label_counts=np.array([[90, 10, 0, 0, 0, 0, 0], [80, 15, 5, 0, 0, 0, 0]]))
+    args = argparse.Namespace(class_names=names, target_ids=None)
+    train.check_labels(data, args, "DATA")
+    err = capsys.readouterr().err
+    assert "no training mask holds label 3 (bladder), 4 (rectum), 5 (prostate), 6 (urethra) of the 7" in err
+    train.check_labels(data, argparse.Namespace(class_names=names, target_ids=(1, 2)), "DATA")
+    assert capsys.readouterr().err == ""  # every target is there; the labels not asked for do not matter
+    data.label_counts[:, 1:] = 0
+    with pytest.raises(train.DataError, match="no training mask holds any label but 0"):
+        train.check_labels(data, args, "DATA")
+    # Through train.main, on real files: a target the masks never hold stops the run before the model is built.
+    out = tmp_path / "r"
+    code = train.main(["-d", str(tiny_data), "-o", str(out), *SMALL, "--class-names", ",".join(names),
+                       "--target", "urethra"])
+    assert code == 2 and not out.exists()
+    assert "no training mask holds the target (6 (urethra))" in capsys.readouterr().err
+
+
 def _rates(args, steps, steps_per_epoch=5, lr=1e-3):
     """The optimizer's learning rate at each of these steps (its step counter set to each in turn)."""
     optimizer = train.make_optimizer(args, lr, steps_per_epoch)
