@@ -36,8 +36,8 @@ test: venv
 bench: venv
 	$(PY) benchmarks/bench.py
 
-real-anatomy: venv  ## this project against MONAI and the seed's Keras U-Net on real MRI (hours on 2 cores); BRATS=folder
-	$(PY) benchmarks/real_anatomy.py $(if $(BRATS),--brats-dir $(BRATS))
+real-anatomy: venv  ## this project against MONAI and the seed's Keras U-Net on real MRI (hours on 2 cores); BRATS=, HIPPOCAMPUS=folder
+	$(PY) benchmarks/real_anatomy.py $(if $(BRATS),--brats-dir $(BRATS)) $(if $(HIPPOCAMPUS),--hippocampus-dir $(HIPPOCAMPUS))
 
 clean:  ## the venv, the demo run and the demo phantom (other runs are left alone)
 	rm -rf $(VENV) $(RUN) data/phantom-demo

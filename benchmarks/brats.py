@@ -24,6 +24,7 @@ import numpy as np
 CLASSES = ("background", "brain", "oedema", "tumour_core")
 FACTOR = 3  # 1 mm -> 3 mm
 FOLDS = 3
+AFFINE = np.diag([float(FACTOR)] * 3 + [1.0])  # 3 mm slices
 
 
 def patients(root: Path) -> list:
@@ -76,22 +77,6 @@ def fold_splits(names: list, fold: int) -> dict:
     return {p: "test" if p in test else "validate" if p in validate else "train" for p in names}
 
 
-def write_fold(root: Path, out: Path, fold: int, few: int | None, write_pair) -> dict:
-    """Write one fold's HipMRI folder (every training slice, or `few` spread over them); {split: slice count}."""
-    folders = patients(root)
-    names = [p.name for p in folders]
-    splits = fold_splits(names, fold)
-    affine = np.diag([float(FACTOR)] * 3 + [1.0])
-    data = {p.name: patient_slices(p) for p in folders}
-    train = [(name, z) for name in names if splits[name] == "train" for z in range(data[name][0].shape[2])]
-    chosen = set(train) if few is None else {train[round(i)] for i in np.linspace(0, len(train) - 1, few)}
-    counts = {"train": 0, "validate": 0, "test": 0}
-    for case, name in enumerate(names, start=1):
-        images, labels = data[name]
-        for z in range(images.shape[2]):
-            split = splits[name]
-            if split == "train" and (name, z) not in chosen:
-                continue
-            write_pair(out, split, f"{case:03d}_week_0_slice_{z}.nii.gz", images[..., z], labels[..., z], affine)
-            counts[split] += 1
-    return counts
+def load(root: Path) -> dict:
+    """{patient name: (images, labels)} of every patient, in name order."""
+    return {p.name: patient_slices(p) for p in patients(root)}

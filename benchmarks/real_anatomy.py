@@ -1,6 +1,6 @@
 """Accuracy on real anatomy: this project against a MONAI U-Net and the seed's Keras U-Net, same data, steps and sizes.
 
-    python benchmarks/real_anatomy.py --brats-dir ~/deepmedic           # the full comparison (make real-anatomy)
+    python benchmarks/real_anatomy.py --brats-dir ~/deepmedic --hippocampus-dir ~/hippocampus   # make real-anatomy
     python benchmarks/real_anatomy.py --datasets brats --brats-dir ~/deepmedic --systems ours \\
         --label "instance norm" --ours-flags="--norm-layer instance" --no-test    # an ablation: validation only
     python benchmarks/real_anatomy.py --datasets mni --variation scanner   # the robustness rows (corrupted MNI)
@@ -11,6 +11,8 @@ Data sets (each module's docstring says exactly how it is made):
   brats  six glioma patients (brats.py), FLAIR at 3 mm, 80x80; 3 patient-disjoint folds (3 train / 1 validate /
          2 test patients); read from --brats-dir (CC BY-NC-SA: never copied into the repo)
   mni    the MNI152 template (mni.py), 2 mm, 99x117; one subject cut into blocks: one fold
+  hippocampus  60 patients of the decathlon's Task04 (hippocampus.py), 1 mm, 48x64; 3 patient-disjoint folds
+         (30 train / 10 validate / 20 test patients); read from --hippocampus-dir; no decision was made on it
 Regimes: "full" (every training slice) and "few" (20 training slices spread over the training cases; the same
 validation and test slices), with the same number of optimiser steps in both.
 
@@ -41,6 +43,7 @@ sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
 import brats  # noqa: E402
 import env  # noqa: E402  (benchmarks/peers/env.py)
 import evaluate  # noqa: E402
+import hippocampus  # noqa: E402
 import mni  # noqa: E402
 from atomic_io import atomic_write_json  # noqa: E402
 
@@ -49,7 +52,9 @@ PEER_RUNS = {"monai": "monai-zscore", "keras_seed": "keras_seed"}  # run folders
 DATASETS = {  # classes, folds, network input, epochs of the full regime
     "brats": {"classes": brats.CLASSES, "folds": brats.FOLDS, "size": "80x80", "epochs": 20},
     "mni": {"classes": mni.CLASSES, "folds": 1, "size": "96x112", "epochs": 25},
+    "hippocampus": {"classes": hippocampus.CLASSES, "folds": hippocampus.FOLDS, "size": "48x64", "epochs": 5},
 }
+SOURCES = {"brats": (brats, "brats_dir"), "hippocampus": (hippocampus, "hippocampus_dir")}  # read from a folder
 
 
 # ----------------------------------------------------------------------------- data
@@ -61,6 +66,27 @@ def write_pair(out: Path, split: str, name: str, image: np.ndarray, labels: np.n
         nib.save(nib.Nifti1Image(arr.astype(np.float32), affine), out / sub / (prefix + name))
 
 
+def write_fold(module, root: Path, out: Path, fold: int, few: int | None) -> dict:
+    """One fold of a patient data set in the HipMRI layout (every training slice, or `few` spread over them);
+    {split: slice count}. Case numbers follow the patients' order, so a case is one patient in every fold."""
+    data = module.load(root)
+    names = list(data)
+    splits = module.fold_splits(names, fold)
+    train = [(name, z) for name in names if splits[name] == "train" for z in range(data[name][0].shape[2])]
+    chosen = set(train) if few is None else {train[round(i)] for i in np.linspace(0, len(train) - 1, few)}
+    counts = {"train": 0, "validate": 0, "test": 0}
+    for case, name in enumerate(names, start=1):
+        images, labels = data[name]
+        for z in range(images.shape[2]):
+            split = splits[name]
+            if split == "train" and (name, z) not in chosen:
+                continue
+            write_pair(out, split, f"{case:03d}_week_0_slice_{z}.nii.gz", images[..., z], labels[..., z],
+                       module.AFFINE)
+            counts[split] += 1
+    return counts
+
+
 def data_folder(a, dataset: str, fold: int, regime: str) -> Path:
     """The HipMRI folder of one data set, fold and regime, written on first use."""
     variation = a.variation if dataset == "mni" else "none"
@@ -69,10 +95,12 @@ def data_folder(a, dataset: str, fold: int, regime: str) -> Path:
         out = a.work / f"data-scanner-{regime}"
     if not (out / "done.json").exists():
         few = FEW if regime == "few" else None
-        if dataset == "brats":
-            if a.brats_dir is None:
-                raise SystemExit("error: --brats-dir is needed for the brats data set (see benchmarks/brats.py)")
-            counts = brats.write_fold(a.brats_dir, out, fold, few, write_pair)
+        if dataset in SOURCES:
+            module, key = SOURCES[dataset]
+            if getattr(a, key) is None:
+                flag = "--" + key.replace("_", "-")
+                raise SystemExit(f"error: {flag} is needed for the {dataset} data set (see benchmarks/{dataset}.py)")
+            counts = write_fold(module, getattr(a, key), out, fold, few)
         else:
             counts = mni.write_set(a.work, out, variation, few, write_pair)
         atomic_write_json(out / "done.json", {"dataset": dataset, "variation": variation, "fold": fold,
@@ -83,7 +111,7 @@ def data_folder(a, dataset: str, fold: int, regime: str) -> Path:
 def run_folder(work: Path, ds: str, variation: str, regime: str, fold: int, name: str, seed: int) -> Path:
     """Where one run lives (the corrupted MNI runs keep the folders of the earlier, one-data-set benchmark)."""
     tag = f"{variation}-{regime}" if ds == "mni" and variation == "scanner" else f"{ds}-{variation}-{regime}"
-    return work / "runs" / tag / (f"fold{fold}" if ds == "brats" else "") / name / f"seed{seed}"
+    return work / "runs" / tag / (f"fold{fold}" if ds in SOURCES else "") / name / f"seed{seed}"
 
 
 # ----------------------------------------------------------------------------- systems
@@ -213,8 +241,11 @@ def print_table(rows: list) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--datasets", default="brats,mni", help="comma-separated: brats, mni (default: both)")
+    p.add_argument("--datasets", default=None,
+                   help="comma-separated: brats, mni, hippocampus (default: brats, mni and hippocampus if its folder is given)")
     p.add_argument("--brats-dir", type=Path, default=None, help="folder holding the deepmedic BraTS patients")
+    p.add_argument("--hippocampus-dir", type=Path, default=None,
+                   help="folder holding the decathlon's Task04_Hippocampus (imagesTr/ and labelsTr/ or images/ and labels/)")
     p.add_argument("--systems", default="ours,monai,keras_seed", help="comma-separated: ours, monai, keras_seed")
     p.add_argument("--regimes", default="full,few", help="comma-separated: full, few")
     p.add_argument("--folds", default=None, help="comma-separated fold numbers (default: all of each data set)")
@@ -236,11 +267,12 @@ def parse_args(argv=None):
     p.add_argument("-o", "--out", type=Path, default=ROOT / "benchmarks" / "real_anatomy.json",
                    help="JSON results (rows are added or replaced by system, data set, variation and regime)")
     a = p.parse_args(argv)
+    a.datasets = a.datasets or "brats,mni" + (",hippocampus" if a.hippocampus_dir else "")
     if set(a.datasets.split(",")) - set(DATASETS) or set(a.systems.split(",")) - {"ours", "monai", "keras_seed"} \
             or set(a.regimes.split(",")) - {"full", "few"}:
-        p.error("--datasets takes brats,mni; --systems ours,monai,keras_seed; --regimes full,few")
-    for key in ("brats_dir", "repo", "work", "peer_venv", "out"):  # train.py runs in --repo: no relative paths
-        if getattr(a, key) is not None:
+        p.error("--datasets takes brats,mni,hippocampus; --systems ours,monai,keras_seed; --regimes full,few")
+    for key in ("brats_dir", "hippocampus_dir", "repo", "work", "peer_venv", "out"):  # train.py runs in --repo:
+        if getattr(a, key) is not None:  # no relative paths
             setattr(a, key, getattr(a, key).resolve())
     return a
 

@@ -1,4 +1,4 @@
-"""benchmarks/brats.py and real_anatomy.py: patient-disjoint folds, the label mapping, clear errors, the summary rows."""
+"""benchmarks/brats.py, hippocampus.py and real_anatomy.py: patient-disjoint folds, the label mapping, clear errors, the summary rows."""
 import sys
 
 import nibabel as nib
@@ -10,6 +10,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
 import brats  # noqa: E402
+import hippocampus  # noqa: E402
 import real_anatomy  # noqa: E402
 
 import dataset  # noqa: E402
@@ -48,7 +49,7 @@ def test_every_patient_is_tested_once_and_no_fold_puts_a_patient_in_two_splits()
 def test_a_fold_is_written_in_the_hipmri_layout_with_patient_disjoint_cases(tmp_path):
     root = fake_brats(tmp_path / "src")
     out = tmp_path / "fold1"
-    counts = brats.write_fold(root, out, 1, None, real_anatomy.write_pair)
+    counts = real_anatomy.write_fold(brats, root, out, 1, None)
     assert counts == {"train": 9, "validate": 3, "test": 6}  # 3 slices of 3 mm per patient
     cases = {s: {r.case for r in dataset.list_split(out, s)} for s in ("train", "validate", "test")}
     assert not (cases["train"] & cases["test"]) and not (cases["train"] & cases["validate"])
@@ -58,8 +59,57 @@ def test_a_fold_is_written_in_the_hipmri_layout_with_patient_disjoint_cases(tmp_
     image = np.asarray(nib.load(ref.image).dataobj)
     assert labels.shape == image.shape == (4, 4)  # 12 mm at 3 mm
     assert labels[1, 1] == 2 and labels[2, 2] == 3 and labels[0, 0] == 0  # oedema, core (BraTS 4), outside
-    few = brats.write_fold(root, tmp_path / "few", 1, 2, real_anatomy.write_pair)
+    few = real_anatomy.write_fold(brats, root, tmp_path / "few", 1, 2)
     assert few == {"train": 2, "validate": 3, "test": 6}
+
+
+def fake_hippocampus(root, n=hippocampus.PATIENTS, nnunet=False):
+    """n decathlon-style cases (macOS "._" files beside them, as in the decathlon's tar): 40x70x6 LPS volumes whose
+    patient number is the image's value; anterior and posterior blocks in slices 1-4 only."""
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir(parents=True)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    for i in range(n):
+        image = np.full((40, 70, 6), i + 1.0, np.float32)
+        labels = np.zeros((40, 70, 6), np.uint8)
+        labels[10:20, 30:40, 1:5] = 1
+        labels[20:30, 30:40, 1:5] = 2
+        labels[0, 10, 1:5] = 2  # a marker voxel near a corner: the canonical turn moves it
+        stem = f"hippocampus_{hippocampus.CASES[i]:03d}"
+        nib.save(nib.Nifti1Image(image, lps), root / "imagesTr" / f"{stem}{'_0000' if nnunet else ''}.nii.gz")
+        nib.save(nib.Nifti1Image(labels, lps), root / "labelsTr" / f"{stem}.nii.gz")
+        (root / "imagesTr" / f"._{stem}.nii.gz").write_bytes(b"resource fork")
+    return root
+
+
+@pytest.mark.parametrize("nnunet", [False, True])
+def test_hippocampus_folds_are_patient_disjoint_slices_of_48x64(tmp_path, nnunet):
+    root = fake_hippocampus(tmp_path / "src", nnunet=nnunet)
+    names, tested = [f"p{i:02d}" for i in range(60)], []
+    for fold in range(hippocampus.FOLDS):
+        splits = hippocampus.fold_splits(names, fold)
+        by_split = {s: [p for p in names if splits[p] == s] for s in ("train", "validate", "test")}
+        assert [len(by_split[s]) for s in ("train", "validate", "test")] == [30, 10, 20]
+        tested += by_split["test"]
+    assert sorted(tested) == names
+    out = tmp_path / "fold2"
+    counts = real_anatomy.write_fold(hippocampus, root, out, 2, None)
+    assert counts == {"train": 120, "validate": 40, "test": 80}  # 4 slices hold hippocampus in each case
+    test_cases = {r.case for r in dataset.list_split(out, "test")}
+    assert test_cases == set(range(41, 61))  # patients 41-60 by name
+    ref = dataset.list_split(out, "test")[0]
+    image, labels = (np.asarray(nib.load(p).dataobj) for p in (ref.image, ref.mask))
+    assert image.shape == labels.shape == (48, 64) and np.all(image[4:44] == ref.case) and np.all(image[:4] == 0)
+    # LPS turned to RAS flips both axes (row r -> 39 - r, column c -> 69 - c), then 40x70 -> 48x64 pads 4 rows
+    # each side and crops 3 columns each side: anterior rows 10-19 -> 24-33, posterior 20-29 -> 14-23, columns
+    # 30-39 -> 27-36, the marker (0, 10) -> (43, 56).
+    assert np.all(labels[24:34, 27:37] == 1) and np.all(labels[14:24, 27:37] == 2)
+    assert labels[43, 56] == 2 and (labels > 0).sum() == 201
+    assert real_anatomy.write_fold(hippocampus, root, tmp_path / "few", 2, 20)["train"] == 20
+    with pytest.raises(SystemExit, match=r"1 of the 60 hippocampus cases lack an image.*e\.g\. hippocampus_097"):
+        hippocampus.cases(fake_hippocampus(tmp_path / "short", n=59))
+    with pytest.raises(SystemExit, match="--hippocampus-dir is needed"):
+        real_anatomy.data_folder(real_anatomy.parse_args(["--work", str(tmp_path / "w")]), "hippocampus", 0, "full")
 
 
 def test_missing_patients_are_a_clear_error_naming_the_folder(tmp_path):
