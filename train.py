@@ -399,8 +399,8 @@ def train(args) -> dict:
     load = dict(prep=prep, cache_dir=args.cache_dir, progress=not args.quiet, skip_bad=args.skip_bad,
                 max_bad_fraction=args.max_bad_fraction)
     train_data = dataset.load_split(data_dir, "train", **load)
-    val_data = dataset.load_split(data_dir, "validate", **load)
     check_labels(train_data, args, data_dir)
+    val_data = dataset.load_split(data_dir, "validate", **load)
     args.data_dir = str(data_dir.resolve())  # predict.py may run from another folder
     steps_per_epoch = -(-len(train_data) // (args.batch_size * strategy.num_replicas_in_sync))  # global batches
     args.lr = peak_lr(args, steps_per_epoch)

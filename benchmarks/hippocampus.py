@@ -23,6 +23,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from geometry import pad_or_crop_center  # the project's own (real_anatomy.py puts the repo on the path)
+
 CLASSES = ("background", "anterior", "posterior")
 FOLDS = 3
 # The 60 cases used: the first 60 by number of the 260 in the copy named above (its case 010 has no usable image).
@@ -51,18 +53,6 @@ def cases(root: Path) -> list:
     return [(name, images[name], labels[name]) for name in wanted]
 
 
-def _fit(volume: np.ndarray) -> np.ndarray:
-    """Pad (zeros) or crop the first two axes about their centre to SHAPE."""
-    out = np.zeros(SHAPE + volume.shape[2:], volume.dtype)
-    src, dst = [], []
-    for n, m in zip(volume.shape[:2], SHAPE):
-        k = min(n, m)
-        src.append(slice((n - k) // 2, (n - k) // 2 + k))
-        dst.append(slice((m - k) // 2, (m - k) // 2 + k))
-    out[tuple(dst)] = volume[tuple(src)]
-    return out
-
-
 def patient_slices(image_path: Path, label_path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(images (48, 64, n) float32, labels (48, 64, n) uint8): the axial slices that hold hippocampus."""
     image, label = nib.as_closest_canonical(nib.load(image_path)), nib.as_closest_canonical(nib.load(label_path))
@@ -72,7 +62,7 @@ def patient_slices(image_path: Path, label_path: Path) -> tuple[np.ndarray, np.n
                          "expected one 3D grid")
     if lab.max() >= len(CLASSES):
         raise SystemExit(f"error: {label_path}: label {lab.max()}; expected 0..{len(CLASSES) - 1}")
-    img, lab = _fit(img), _fit(lab)
+    img, lab = pad_or_crop_center(img, SHAPE, 0), pad_or_crop_center(lab, SHAPE, 0)
     keep = (lab > 0).mean(axis=(0, 1)) >= MIN_SHARE
     return img[..., keep], lab[..., keep]
 
