@@ -12,7 +12,8 @@ Data sets (each module's docstring says exactly how it is made):
          2 test patients); read from --brats-dir (CC BY-NC-SA: never copied into the repo)
   mni    the MNI152 template (mni.py), 2 mm, 99x117; one subject cut into blocks: one fold
   hippocampus  60 patients of the decathlon's Task04 (hippocampus.py), 1 mm, 48x64; 3 patient-disjoint folds
-         (30 train / 10 validate / 20 test patients); read from --hippocampus-dir; no decision was made on it
+         (30 train / 10 validate / 20 test patients); read from --hippocampus-dir; held out until
+         2026-12-05 13:40 UTC, validation screens since (none kept)
 Regimes: "full" (every training slice) and "few" (20 training slices spread over the training cases; the same
 validation and test slices), with the same number of optimiser steps in both.
 
