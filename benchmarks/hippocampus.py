@@ -13,7 +13,9 @@ nd320-c3-3d-imaging-starter commits (data/TrainingSet/images/ and labels/, 260 c
 (nibabel), its axial slices are padded or cropped about their centre to 48x64 (zeros outside), and the slices
 where the hippocampus covers at least 1% are kept. Intensities stay as stored: each system scales its own. Fold
 k (0..2) tests patients 20k..20k+19, validates on the next 10 and trains on the other 30, so every patient is
-tested once and no patient is in two splits of a fold. No decision of this project was made on these data.
+tested once and no patient is in two splits of a fold. Added after every decision of the recipe; since
+2026-12-05 13:43 UTC changes are screened on its validation slices too (none kept; its test slices are never
+scored for a change).
 """
 from __future__ import annotations
 
